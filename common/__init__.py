@@ -1,0 +1,1 @@
+"""Code the Fanout processes share: settings, messages, brokers, logging."""

@@ -1,0 +1,199 @@
+"""Connections to the two brokers: NATS for topics, Redis for lists.
+
+Both are reached through well-kept clients (nats-py, redis-py with hiredis);
+this module only adds what a gateway needs on top: startup that retries with
+backoff instead of crashing, one log line per outage rather than per attempt,
+and an event that says whether NATS is usable right now.
+"""
+
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
+
+import nats
+import nats.errors
+import redis.asyncio as aioredis
+from nats.aio.client import Client as NatsClient
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from common.errors import BrokerUnavailable
+from common.message import Message
+from common.settings import Settings, redact_url
+
+NATS_PENDING_BYTES = 8 * 1024 * 1024  # the reconnect buffer's cap
+BACKOFF_START = 0.2  # seconds
+BACKOFF_MAX = 5.0  # seconds
+
+
+def backoff_delays(start: float = BACKOFF_START, most: float = BACKOFF_MAX):
+    """Doubling delays with jitter, capped at ``most`` seconds."""
+    delay = start
+    while True:
+        yield delay * random.uniform(0.8, 1.2)
+        delay = min(delay * 2, most)
+
+
+class NatsLink:
+    """One nats-py connection with a ``connected`` event and batch publish.
+
+    nats-py reconnects by itself; the callbacks below only keep the event
+    true to the connection's state and log each change once.
+    """
+
+    def __init__(self, settings: Settings, name: str, logger: logging.Logger):
+        self.settings = settings
+        self.name = name
+        self.logger = logger
+        self.nc = NatsClient()
+        self.connected = asyncio.Event()
+        self._servers = ", ".join(redact_url(u) for u in settings.nats_urls)
+
+    async def connect(self, stopping: asyncio.Event) -> bool:
+        """Connect, retrying with backoff; False if ``stopping`` was set first."""
+        delays = backoff_delays()
+        while not stopping.is_set():
+            try:
+                await self.nc.connect(
+                    servers=list(self.settings.nats_urls),
+                    name=self.name,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,  # forever
+                    reconnect_time_wait=0.5,  # seconds
+                    connect_timeout=2,  # seconds
+                    ping_interval=10,  # seconds
+                    max_outstanding_pings=2,
+                    pending_size=NATS_PENDING_BYTES,
+                    skip_subject_validation=True,  # common.message checks
+                    disconnected_cb=self._disconnected,
+                    reconnected_cb=self._reconnected,
+                    error_cb=self._error,
+                    closed_cb=self._closed,
+                )
+            except (TimeoutError, OSError, nats.errors.Error) as exc:
+                delay = next(delays)
+                self.logger.warning(
+                    "nats unreachable at %s (%s); retrying in %.1f s",
+                    self._servers,
+                    exc.__class__.__name__,
+                    delay,
+                )
+                await _sleep_unless(stopping, delay)
+                continue
+            self.connected.set()
+            self.logger.info(
+                "nats connected to %s (max_payload %d bytes)",
+                self._current(),
+                self.nc.max_payload,
+            )
+            return True
+        return False
+
+    def _current(self) -> str:
+        url = self.nc.connected_url
+        return redact_url(url.geturl()) if url else "?"
+
+    async def _disconnected(self) -> None:
+        if self.connected.is_set():
+            self.connected.clear()
+            self.logger.warning("nats disconnected; reconnecting")
+
+    async def _reconnected(self) -> None:
+        self.connected.set()
+        self.logger.info("nats reconnected to %s", self._current())
+
+    async def _error(self, exc: Exception) -> None:
+        self.logger.debug("nats client error: %r", exc)
+
+    async def _closed(self) -> None:
+        self.connected.clear()
+
+    async def publish(self, messages: Sequence[Message], timeout: float) -> None:
+        """Publish ``messages`` and wait until the server has them all.
+
+        The flush is a PING/PONG round trip: when it returns, the server has
+        received every message published before it on this connection.
+        Raises :class:`BrokerUnavailable` if that is not confirmed in time;
+        some of the messages may still reach the server later.
+        """
+        nc = self.nc
+        try:
+            for message in messages:
+                await nc.publish(
+                    message.topic,
+                    message.payload,
+                    headers={"Nats-Msg-Id": message.id},
+                )
+            await nc.flush(timeout=timeout)
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            raise BrokerUnavailable(
+                f"nats did not confirm the message ({exc.__class__.__name__})"
+            ) from exc
+
+    async def close(self) -> None:
+        """Send what is buffered, then close."""
+        if self.nc.is_connected:
+            try:
+                await self.nc.flush(timeout=2)
+            except (TimeoutError, nats.errors.Error):
+                self.logger.warning("nats flush at close timed out")
+        if not self.nc.is_closed:
+            await self.nc.close()
+
+
+def redis_client(settings: Settings, *, blocking_pop: bool = False) -> aioredis.Redis:
+    """A Redis client for ``settings.redis_url``.
+
+    The shared client uses a blocking pool: a caller waits for a free
+    connection (up to the publish timeout) instead of failing. The client
+    for the consumer's blocking wait has a single connection of its own,
+    whose socket timeout stays above the block timeout so that a dead
+    server is noticed within a bounded time.
+    """
+    block = settings.redis_block_timeout
+    socket_timeout = block + 5 if blocking_pop else settings.publish_timeout + 1
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=1 if blocking_pop else settings.redis_pool_size,
+        timeout=settings.publish_timeout,  # seconds waited for a free one
+        socket_timeout=socket_timeout,  # seconds
+        socket_connect_timeout=2,  # seconds
+        socket_keepalive=True,
+        health_check_interval=30,  # seconds
+        retry=Retry(ExponentialBackoff(cap=1, base=0.05), retries=2),
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+async def wait_for_redis(
+    client: aioredis.Redis,
+    url: str,
+    logger: logging.Logger,
+    stopping: asyncio.Event,
+) -> bool:
+    """PING until Redis answers, with backoff; False if stopping first."""
+    delays = backoff_delays()
+    while not stopping.is_set():
+        try:
+            await client.ping()
+        except (aioredis.RedisError, OSError) as exc:
+            delay = next(delays)
+            logger.warning(
+                "redis unreachable at %s (%s); retrying in %.1f s",
+                redact_url(url),
+                exc.__class__.__name__,
+                delay,
+            )
+            await _sleep_unless(stopping, delay)
+            continue
+        logger.info("redis connected to %s", redact_url(url))
+        return True
+    return False
+
+
+async def _sleep_unless(event: asyncio.Event, delay: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), delay)
+    except TimeoutError:
+        pass

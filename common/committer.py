@@ -1,0 +1,197 @@
+"""Group commit for the HTTP and WebSocket ingresses.
+
+A client's message is confirmed only after the NATS server has it (a flush
+round trip) and its audit entry is written. Paying those two round trips
+per message would cap a process at a few thousand messages a second, so the
+messages that arrive while one batch is being committed wait together and
+are committed as the next batch: one flush and one RPUSH per batch.
+
+Limits, stated bluntly: at most ``max_pending`` unconfirmed messages are
+held per process (then :class:`Overloaded`); a message waits at most
+``publish_timeout`` seconds for the brokers (then :class:`BrokerUnavailable`);
+a message refused after its batch reached NATS may still be delivered, so a
+client that retries with the same id can cause a duplicate with that id.
+"""
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+import redis.asyncio as aioredis
+
+from common.audit import audit_entry
+from common.brokers import NatsLink
+from common.errors import BrokerUnavailable, Overloaded, RetryableError, ShuttingDown
+from common.message import Message
+from common.settings import Settings
+
+_Item = tuple[Message, asyncio.Future | None, float]  # message, waiter, deadline
+
+
+class Committer:
+    """Publishes, logs and confirms messages in batches."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        nats_link: NatsLink,
+        redis: aioredis.Redis,
+        logger: logging.Logger,
+        clock=time.monotonic,
+    ):
+        self.settings = settings
+        self.nats = nats_link
+        self.redis = redis
+        self.logger = logger
+        self.clock = clock
+        self.confirm = settings.confirm
+        self._queue: deque[_Item] = deque()
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._redis_ok = True
+        self._commit_task: asyncio.Task | None = None
+        self.committed = 0
+        self.failed = 0
+
+    def start(self) -> None:
+        self._commit_task = asyncio.create_task(self._run(), name="commit")
+
+    def submit(self, message: Message) -> asyncio.Future | None:
+        """Queue ``message``; the returned waiter resolves once it is confirmed.
+
+        With confirmation off (``FANOUT_CONFIRM=false``) nothing is returned
+        and the message counts as accepted on receipt.
+        """
+        if self._closing:
+            raise ShuttingDown("the gateway is shutting down; send it again later")
+        if len(self._queue) >= self.settings.max_pending:
+            raise Overloaded(
+                f"{len(self._queue)} messages are waiting for the brokers; "
+                "send it again later"
+            )
+        waiter = asyncio.get_running_loop().create_future() if self.confirm else None
+        deadline = self.clock() + self.settings.publish_timeout
+        self._queue.append((message, waiter, deadline))
+        self._wakeup.set()
+        return waiter
+
+    async def accept(self, message: Message) -> None:
+        """Queue ``message`` and wait for its confirmation (or its failure)."""
+        waiter = self.submit(message)
+        if waiter is not None:
+            await waiter
+
+    async def _run(self) -> None:
+        batch_size = self.settings.batch_size
+        queue = self._queue
+        while True:
+            if not queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            count = min(len(queue), batch_size)
+            batch = [queue.popleft() for _ in range(count)]
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[_Item]) -> None:
+        now = self.clock()
+        live = [item for item in batch if item[2] > now]
+        if len(live) < len(batch):
+            expired = [item for item in batch if item[2] <= now]
+            self._fail(expired, BrokerUnavailable("timed out waiting for the brokers"))
+        if not live:
+            return
+
+        messages = [item[0] for item in live]
+        try:
+            await self._wait_until_usable(min(item[2] for item in live))
+            remaining = max(0.05, min(item[2] for item in live) - self.clock())
+            await self.nats.publish(messages, timeout=remaining)
+            await self._append_audit(messages)
+        except RetryableError as exc:
+            self._fail(live, exc)
+            return
+
+        self.committed += len(live)
+        for _, waiter, _ in live:
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    async def _wait_until_usable(self, deadline: float) -> None:
+        # Wait for NATS rather than publish into nats-py's reconnect buffer:
+        # a message buffered there could be refused to the client and still
+        # be delivered later.
+        if not self.nats.connected.is_set():
+            try:
+                await asyncio.wait_for(
+                    self.nats.connected.wait(), max(0.0, deadline - self.clock())
+                )
+            except TimeoutError:
+                raise BrokerUnavailable("nats is unreachable") from None
+
+        # After a failed audit write, make sure Redis is back before anything
+        # more is published: otherwise every message would reach NATS and
+        # still be refused.
+        if not self._redis_ok:
+            try:
+                await self.redis.ping()
+            except (aioredis.RedisError, OSError) as exc:
+                raise BrokerUnavailable("redis is unreachable") from exc
+            self._redis_ok = True
+            self.logger.info("redis audit writes resumed")
+
+    async def _append_audit(self, messages: list[Message]) -> None:
+        try:
+            await self.redis.rpush(
+                self.settings.log_list, *[audit_entry(m) for m in messages]
+            )
+        except (aioredis.RedisError, OSError) as exc:
+            if self._redis_ok:
+                self.logger.warning("redis audit write failed: %r", exc)
+            self._redis_ok = False
+            raise BrokerUnavailable(
+                "redis did not take the audit entry; the message may have "
+                "reached NATS, send it again with the same id"
+            ) from exc
+
+    def _fail(self, items: list[_Item], exc: RetryableError) -> None:
+        self.failed += len(items)
+        unconfirmed = 0
+        for _, waiter, _ in items:
+            if waiter is None:
+                unconfirmed += 1
+            elif not waiter.done():
+                waiter.set_exception(exc)
+        if unconfirmed:
+            # Fire-and-forget mode: nobody is waiting to be told.
+            self.logger.error(
+                "%d messages accepted without confirmation were not delivered: %s",
+                unconfirmed,
+                exc,
+            )
+
+    async def close(self, timeout: float) -> None:
+        """Take no more messages, commit what is queued, flush and close."""
+        self._closing = True
+        self._wakeup.set()
+        if self._commit_task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._commit_task), timeout)
+            except TimeoutError:
+                self.logger.error(
+                    "shutdown: %d messages still unconfirmed after %.1f s",
+                    len(self._queue),
+                    timeout,
+                )
+                self._commit_task.cancel()
+                leftover = list(self._queue)
+                self._queue.clear()
+                self._fail(leftover, ShuttingDown("the gateway stopped"))
+        self.logger.info(
+            "committer closed: %d committed, %d refused as retryable",
+            self.committed,
+            self.failed,
+        )

@@ -1,0 +1,71 @@
+"""What the Redis and NATS consumers share: sorting a batch into messages
+to publish and dead letters to keep, and retrying a broker step."""
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+
+from common.audit import dead_entry
+from common.brokers import backoff_delays
+from common.errors import FanoutError, RejectedError, RetryableError
+from common.logs import RateLimited
+from common.message import Message, Parser
+
+T = TypeVar("T")
+
+
+def sort_batch(
+    parser: Parser,
+    items: Iterable[tuple[str | None, bytes]],
+    refusals: RateLimited,
+    clock=time.time,
+) -> tuple[list[Message], list[bytes]]:
+    """Parse ``(id, raw)`` items into messages and dead-letter entries."""
+    messages: list[Message] = []
+    dead: list[bytes] = []
+    for message_id, raw in items:
+        try:
+            messages.append(parser.bare(raw, message_id))
+        except RejectedError as exc:
+            refusals.warning("dead-lettered %s item: %s", parser.ingress, exc)
+            dead.append(dead_entry(raw, str(exc), parser.ingress, clock()))
+    return messages, dead
+
+
+async def retry(
+    step: Callable[[], Awaitable[T]],
+    what: str,
+    logger: logging.Logger,
+    give_up: Callable[[], bool],
+) -> T | None:
+    """Run ``step`` until it succeeds; None once ``give_up()`` says so.
+
+    Retries broker errors with backoff, logging the first failure and the
+    recovery, not every attempt.
+    """
+    delays = backoff_delays()
+    failures = 0
+    while True:
+        try:
+            result = await step()
+        except (RetryableError, aioredis.RedisError, OSError) as exc:
+            failures += 1
+            if failures == 1:
+                logger.warning("%s failed (%s); retrying", what, _brief(exc))
+            if give_up():
+                return None
+            await asyncio.sleep(next(delays))
+            continue
+        if failures:
+            logger.info("%s succeeded after %d retries", what, failures)
+        return result
+
+
+def _brief(exc: BaseException) -> str:
+    if isinstance(exc, FanoutError):
+        return str(exc)
+    return f"{exc.__class__.__name__}: {exc}"

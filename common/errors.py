@@ -1,0 +1,49 @@
+"""The exceptions Fanout raises.
+
+One root, two branches that tell a caller what to do next:
+
+* :class:`RetryableError`: the message may be fine but a broker is away or
+  slow; the sender should try again later (HTTP 503).
+* :class:`RejectedError`: the message itself is refused; sending it again
+  will not help (HTTP 400 and friends).
+
+:class:`ConfigError` is separate: it stops a process at startup.
+"""
+
+
+class FanoutError(Exception):
+    """Root of every error Fanout raises on purpose."""
+
+
+class RetryableError(FanoutError):
+    """A broker is unreachable or too slow; the same message may succeed later."""
+
+    retry_after = 1  # seconds, sent to HTTP clients as Retry-After
+
+
+class BrokerUnavailable(RetryableError):
+    """NATS or Redis could not confirm the message in time."""
+
+
+class Overloaded(RetryableError):
+    """The process already holds as many unconfirmed messages as it may."""
+
+
+class ShuttingDown(RetryableError):
+    """The process is stopping and takes no new messages."""
+
+
+class RejectedError(FanoutError):
+    """The message is refused for what it contains; the text says why."""
+
+    http_status = 400
+
+
+class MessageTooLarge(RejectedError):
+    """The message is larger than the configured maximum."""
+
+    http_status = 413
+
+
+class ConfigError(FanoutError):
+    """A setting has a value the process cannot start with."""

@@ -1,0 +1,220 @@
+"""Turning what a client sent into a :class:`Message`, or a refusal.
+
+Every ingress decodes JSON here, once, with orjson, so the same bytes get
+the same decision on every front end. orjson refuses ``NaN`` and
+``Infinity``, invalid UTF-8 and lone surrogates, and nesting deeper than
+:data:`MAX_DEPTH` levels.
+
+Two shapes are understood:
+
+* the *envelope* ``{"message": <text or object>, "id": <optional>}``, the
+  HTTP body of the original protocol description, where ``message`` is the
+  JSON text of an object (or the object itself);
+* the *bare* message object ``{"topic": ..., ...}``, what WebSocket frames,
+  Redis list items and NATS ingress messages usually carry.
+
+The payload published to NATS is the message JSON as the client sent it:
+for a text ``message`` its UTF-8 bytes unchanged, for an object ``message``
+its compact serialization, for a bare message the bytes received.
+"""
+
+import itertools
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import orjson
+
+from common.errors import MessageTooLarge, RejectedError
+
+MAX_DEPTH = 1024  # nesting levels; orjson's own limit, refused beyond it
+MAX_TOPIC_LENGTH = 256  # characters
+MAX_ID_LENGTH = 128  # characters
+
+_TOKEN = r"[^\s.*>\x00-\x1f\x7f]+"
+_VALID_SUBJECT = re.compile(rf"{_TOKEN}(?:\.{_TOKEN})*", re.ASCII)
+_VALID_ID = re.compile(r"[A-Za-z0-9._:\-]+", re.ASCII)
+
+
+@dataclass(slots=True)
+class Message:
+    """One accepted message on its way to NATS and the audit log."""
+
+    id: str
+    topic: str
+    payload: bytes  # published to the topic unchanged
+    ingress: str  # http, ws, redis or nats
+    received_at: float  # seconds since the epoch
+
+
+class MessageIds:
+    """Message ids unique across processes: a random prefix and a counter.
+
+    Cheaper than a uuid4 per message, and sortable within one process.
+    """
+
+    def __init__(self, prefix: str | None = None):
+        self.prefix = prefix or os.urandom(6).hex()
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self.prefix}-{next(self._counter):x}"
+
+
+def describe(value: object) -> str:
+    """A JSON type name for an error message: 'a number', 'an array'..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def subject_problem(subject: str) -> str | None:
+    """Why ``subject`` is not a valid NATS subject to publish to, or None."""
+    if len(subject) > MAX_TOPIC_LENGTH:
+        return f"is longer than {MAX_TOPIC_LENGTH} characters"
+    if _VALID_SUBJECT.fullmatch(subject):
+        return None
+    if not subject:
+        return "is empty"
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in subject):
+        return "contains whitespace or a control character"
+    if "*" in subject or ">" in subject:
+        return "contains a wildcard (* or >)"
+    return "has an empty token (leading, trailing or double dot)"
+
+
+def check_topic(topic: object, ingress_subject: str) -> str:
+    """Return ``topic`` if clients may publish to it, else raise why not."""
+    if not isinstance(topic, str):
+        raise RejectedError(f'"topic" must be a string, not {describe(topic)}')
+    problem = subject_problem(topic)
+    if problem:
+        raise RejectedError(f'"topic" {topic!r} {problem}')
+    if topic == ingress_subject:
+        raise RejectedError(
+            f'"topic" {topic!r} is the gateway\'s own ingress subject; '
+            "publishing to it would loop back into the gateway"
+        )
+    return topic
+
+
+def _loads(data: bytes | str, what: str) -> object:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        reason = str(exc)
+        if "depth limit" in reason or "recursion" in reason:
+            reason = f"nested deeper than {MAX_DEPTH} levels"
+        raise RejectedError(f"{what} is not valid JSON: {reason}") from None
+
+
+def _check_id(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RejectedError(f'"id" must be a string, not {describe(value)}')
+    if not 0 < len(value) <= MAX_ID_LENGTH or not _VALID_ID.fullmatch(value):
+        raise RejectedError(
+            f'"id" must be 1 to {MAX_ID_LENGTH} characters of letters, digits '
+            "and . _ : -"
+        )
+    return value
+
+
+class Parser:
+    """Parses and validates messages for one ingress."""
+
+    def __init__(
+        self,
+        ingress: str,
+        ingress_subject: str,
+        max_bytes: int,
+        ids: MessageIds | None = None,
+        clock=time.time,
+    ):
+        self.ingress = ingress
+        self.ingress_subject = ingress_subject
+        self.max_bytes = max_bytes
+        self.ids = ids or MessageIds()
+        self.clock = clock
+
+    def check_size(self, size: int) -> None:
+        if size > self.max_bytes:
+            raise MessageTooLarge(
+                f"message is {size} bytes; the limit is {self.max_bytes} bytes"
+            )
+
+    def envelope(self, body: bytes) -> Message:
+        """An HTTP body: ``{"message": <JSON text or object>, "id": ...}``."""
+        self.check_size(len(body))
+        if not body.strip():
+            raise RejectedError("request body is empty; send a JSON object")
+        document = _loads(body, "request body")
+        if not isinstance(document, dict):
+            raise RejectedError(
+                'request body must be a JSON object with a "message" field, '
+                f"not {describe(document)}"
+            )
+        return self._from_envelope(document)
+
+    def bare(self, data: bytes, default_id: str | None = None) -> Message:
+        """A frame or queue item: the message object, or an envelope.
+
+        ``default_id`` is the id to use when the sender gave none (the Redis
+        consumer assigns ids when it takes items, so that a redelivered item
+        keeps its id).
+        """
+        self.check_size(len(data))
+        document = _loads(data, "message")
+        if not isinstance(document, dict):
+            raise RejectedError(
+                f"message must be a JSON object, not {describe(document)}"
+            )
+        if "topic" not in document and "message" in document:
+            return self._from_envelope(document, default_id)
+        return self._accept(document, data, default_id)
+
+    def _from_envelope(self, document: dict, default_id: str | None = None) -> Message:
+        if "message" not in document:
+            raise RejectedError('request body has no "message" field')
+        message_id = _check_id(document.get("id")) or default_id
+        inner = document["message"]
+        if isinstance(inner, str):
+            if not inner:
+                raise RejectedError(
+                    '"message" is an empty string; it must hold a JSON object'
+                )
+            payload = inner.encode()
+            parsed = _loads(payload, '"message"')
+            if not isinstance(parsed, dict):
+                raise RejectedError(
+                    f'"message" must hold a JSON object, not {describe(parsed)}'
+                )
+            return self._accept(parsed, payload, message_id)
+        if isinstance(inner, dict):
+            return self._accept(inner, orjson.dumps(inner), message_id)
+        raise RejectedError(
+            '"message" must be a JSON object or a string holding one, '
+            f"not {describe(inner)}"
+        )
+
+    def _accept(self, obj: dict, payload: bytes, message_id: str | None) -> Message:
+        if "topic" not in obj:
+            raise RejectedError('message has no "topic" field')
+        topic = check_topic(obj["topic"], self.ingress_subject)
+        return Message(
+            message_id or self.ids.next(),
+            topic,
+            payload,
+            self.ingress,
+            self.clock(),
+        )

@@ -1,0 +1,361 @@
+"""Every Fanout setting, declared once.
+
+Each :class:`Setting` names its environment variable, its type, its default
+(with the unit in the text) and a one-line description. :func:`load` reads
+them from an environment mapping and validates every value; the README's
+settings table is checked against :data:`SETTINGS` by the test suite, and
+``python -m common.settings`` prints that table.
+
+A process that cannot start with its settings exits with
+:data:`EXIT_CONFIG`; supervisord and systemd are configured not to respawn
+on that code.
+"""
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from common.errors import ConfigError
+
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: how to read it and what it means."""
+
+    name: str  # attribute name on Settings
+    env: str
+    kind: str  # the type as the README states it
+    default: str
+    parse: Callable[[str], Any]
+    help: str
+
+
+def _integer(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError("not a whole number") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+
+    return parse
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("not a number of seconds") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low:g} and {high:g} seconds")
+        return value
+
+    return parse
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _urls(schemes: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        urls = tuple(part.strip() for part in text.split(",") if part.strip())
+        if not urls:
+            raise ValueError("no URL given")
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in schemes:
+                wanted = " or ".join(f"{s}://" for s in schemes)
+                raise ValueError(f"{_redact(url)} does not start with {wanted}")
+            if not parts.hostname:
+                raise ValueError(f"{_redact(url)} names no host")
+            try:
+                parts.port
+            except ValueError:
+                raise ValueError(f"{_redact(url)} has a bad port") from None
+        return urls
+
+    return parse
+
+
+def _single_url(schemes: tuple[str, ...]) -> Callable[[str], str]:
+    many = _urls(schemes)
+
+    def parse(text: str) -> str:
+        urls = many(text)
+        if len(urls) != 1:
+            raise ValueError("takes one URL, not a list")
+        return urls[0]
+
+    return parse
+
+
+def _bind(text: str) -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError("must be HOST:PORT")
+    host = host.strip("[]")
+    port_number = _integer(0, 65535)(port)
+    return host, port_number
+
+
+def _key(text: str) -> str:
+    if not text or any(ch.isspace() for ch in text):
+        raise ValueError("must be a non-empty name without whitespace")
+    return text
+
+
+def _path(text: str) -> str:
+    if not text:
+        raise ValueError("must not be empty")
+    return os.path.abspath(text)
+
+
+def _level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("must be debug, info, warning or error")
+    return level
+
+
+def _redact(url: str) -> str:
+    """The URL with any password replaced, fit for a log line."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return parts._replace(netloc=f"***@{host}").geturl()
+
+
+redact_url = _redact
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "nats_urls", "FANOUT_NATS_URL", "URL list", "nats://127.0.0.1:4222",
+        _urls(("nats", "tls")),
+        "NATS server(s) for the ingress subject and the topics; a "
+        "comma-separated list is a cluster. Unset: run an embedded nats-server.",
+    ),
+    Setting(
+        "redis_url", "FANOUT_REDIS_URL", "URL", "redis://127.0.0.1:6379/0",
+        _single_url(("redis", "rediss")),
+        "Redis server for the ingress list, the audit log and the dead-letter "
+        "list. Unset: run an embedded Redis-compatible server.",
+    ),
+    Setting(
+        "embedded_nats_port", "FANOUT_EMBEDDED_NATS_PORT", "port", "4222",
+        _integer(1, 65535),
+        "Port of the embedded nats-server, used only when FANOUT_NATS_URL "
+        "is unset.",
+    ),
+    Setting(
+        "embedded_redis_port", "FANOUT_EMBEDDED_REDIS_PORT", "port", "6379",
+        _integer(1, 65535),
+        "Port of the embedded Redis-compatible server, used only when "
+        "FANOUT_REDIS_URL is unset.",
+    ),
+    Setting(
+        "http_bind", "FANOUT_HTTP_BIND", "HOST:PORT", "127.0.0.1:8080", _bind,
+        "Where the HTTP ingress listens.",
+    ),
+    Setting(
+        "ws_bind", "FANOUT_WS_BIND", "HOST:PORT", "127.0.0.1:8081", _bind,
+        "Where the WebSocket ingress listens.",
+    ),
+    Setting(
+        "ingress_list", "FANOUT_INGRESS_LIST", "Redis key", "MESSAGES", _key,
+        "Redis list the Redis ingress consumes.",
+    ),
+    Setting(
+        "ingress_subject", "FANOUT_INGRESS_SUBJECT", "NATS subject", "MESSAGES",
+        _key, "NATS subject the NATS ingress subscribes to.",
+    ),
+    Setting(
+        "log_list", "FANOUT_LOG_LIST", "Redis key", "MESSAGES:log", _key,
+        "Redis list that holds the audit log of accepted messages.",
+    ),
+    Setting(
+        "dead_list", "FANOUT_DEAD_LIST", "Redis key", "MESSAGES:dead", _key,
+        "Redis list that keeps refused Redis and NATS ingress items, with "
+        "the reason.",
+    ),
+    Setting(
+        "http_workers", "FANOUT_HTTP_WORKERS", "integer", "2", _integer(1, 64),
+        "Number of gunicorn worker processes for the HTTP ingress.",
+    ),
+    Setting(
+        "redis_consumers", "FANOUT_REDIS_CONSUMERS", "integer", "1",
+        _integer(1, 64), "Number of Redis ingress consumer processes.",
+    ),
+    Setting(
+        "nats_consumers", "FANOUT_NATS_CONSUMERS", "integer", "1",
+        _integer(1, 64), "Number of NATS ingress consumer processes.",
+    ),
+    Setting(
+        "log_dir", "FANOUT_LOG_DIR", "path", "var/log", _path,
+        "Directory of the per-process log files (relative to the working "
+        "directory).",
+    ),
+    Setting(
+        "run_dir", "FANOUT_RUN_DIR", "path", "var/run", _path,
+        "Directory of the supervisord socket and pid file and the embedded "
+        "brokers' data.",
+    ),
+    Setting(
+        "log_level", "FANOUT_LOG_LEVEL", "level", "info", _level,
+        "Least severe log level written: debug, info, warning or error.",
+    ),
+    Setting(
+        "confirm", "FANOUT_CONFIRM", "boolean", "true", _boolean,
+        "HTTP and WebSocket answer only after NATS confirmed the message and "
+        "its audit entry is written. false: answer on receipt "
+        "(fire-and-forget).",
+    ),
+    Setting(
+        "publish_timeout", "FANOUT_PUBLISH_TIMEOUT", "seconds", "5",
+        _seconds(0.1, 300),
+        "How long a message waits for NATS and Redis before it is refused "
+        "as retryable.",
+    ),
+    Setting(
+        "max_pending", "FANOUT_MAX_PENDING", "integer", "20000",
+        _integer(1, 10_000_000),
+        "Unconfirmed messages one process may hold; beyond it new ones are "
+        "refused as retryable.",
+    ),
+    Setting(
+        "batch_size", "FANOUT_BATCH_SIZE", "integer", "500",
+        _integer(1, 100_000),
+        "Most messages published, logged and confirmed together in one batch.",
+    ),
+    Setting(
+        "max_message_bytes", "FANOUT_MAX_MESSAGE_BYTES", "bytes", "1048576",
+        _integer(64, 64 * 1024 * 1024),
+        "Largest message accepted (an HTTP body, a frame, a list item).",
+    ),
+    Setting(
+        "redis_block_timeout", "FANOUT_REDIS_BLOCK_TIMEOUT", "seconds", "5",
+        _seconds(0.1, 3600),
+        "How long one blocking wait on the ingress list lasts before it is "
+        "renewed.",
+    ),
+    Setting(
+        "redis_pool_size", "FANOUT_REDIS_POOL_SIZE", "integer", "16",
+        _integer(1, 1024),
+        "Redis connections each process shares for audit writes; callers "
+        "wait for a free one.",
+    ),
+    Setting(
+        "consumer_name", "FANOUT_CONSUMER_NAME", "string", "",
+        lambda text: text and _key(text),
+        "Name of a Redis consumer's processing list. Empty: host name and "
+        "supervisord process name.",
+    ),
+    Setting(
+        "shutdown_timeout", "FANOUT_SHUTDOWN_TIMEOUT", "seconds", "10",
+        _seconds(1, 25),
+        "How long a stopping process may take to finish and flush what it "
+        "holds (supervisord waits 30 s).",
+    ),
+)
+
+
+class Settings:
+    """The validated settings: one read-only attribute per :data:`SETTINGS`."""
+
+    def __init__(self, values: Mapping[str, Any], embedded: frozenset[str]):
+        self.__dict__.update(values)
+        self.__dict__["embedded"] = embedded
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("settings are read-only")
+
+    @property
+    def nats_url_list(self) -> list[str]:
+        return list(self.nats_urls)
+
+
+def load(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every setting, or raise :class:`ConfigError`."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        text = environ.get(setting.env, setting.default)
+        try:
+            values[setting.name] = setting.parse(text)
+        except ValueError as exc:
+            shown = text
+            if setting.kind.startswith("URL"):
+                shown = ",".join(_redact(u.strip()) for u in text.split(","))
+            raise ConfigError(f"{setting.env}={shown!r}: {exc}") from exc
+
+    # An unset broker URL means "run our own broker on the embedded port".
+    embedded = set()
+    if not environ.get("FANOUT_NATS_URL"):
+        embedded.add("nats")
+        values["nats_urls"] = (f"nats://127.0.0.1:{values['embedded_nats_port']}",)
+    if not environ.get("FANOUT_REDIS_URL"):
+        embedded.add("redis")
+        values["redis_url"] = f"redis://127.0.0.1:{values['embedded_redis_port']}/0"
+
+    _check_keys(values)
+    return Settings(values, frozenset(embedded))
+
+
+def _check_keys(values: Mapping[str, Any]) -> None:
+    # The original description named the ingress list and the audit log both
+    # MESSAGES: the Redis consumer would then re-ingest its own log forever.
+    lists = {
+        "FANOUT_INGRESS_LIST": values["ingress_list"],
+        "FANOUT_LOG_LIST": values["log_list"],
+        "FANOUT_DEAD_LIST": values["dead_list"],
+    }
+    seen: dict[str, str] = {}
+    for env, key in lists.items():
+        if key in seen:
+            raise ConfigError(
+                f"{env}={key!r}: same Redis key as {seen[key]}; the ingress "
+                "list, the audit log and the dead-letter list must be "
+                "different lists, or the gateway would consume its own output"
+            )
+        seen[key] = env
+
+
+def load_or_exit(environ: Mapping[str, str] | None = None) -> Settings:
+    """:func:`load`, or print one line and exit with :data:`EXIT_CONFIG`."""
+    try:
+        return load(environ)
+    except ConfigError as exc:
+        print(f"fanout: bad setting {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def markdown_table() -> str:
+    """The README's settings table, made from :data:`SETTINGS`."""
+    rows = [
+        "| Variable | Type | Default | Meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for s in SETTINGS:
+        default = f"`{s.default}`" if s.default else "(empty)"
+        rows.append(f"| `{s.env}` | {s.kind} | {default} | {s.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,0 +1,57 @@
+"""gunicorn, embedded: the HTTP ingress's process manager.
+
+Running gunicorn from Python (rather than through a shell line) keeps one
+process tree under supervisord and takes every option from the settings.
+Timeouts nest: a worker's own shutdown (``FANOUT_SHUTDOWN_TIMEOUT``) is
+shorter than gunicorn's graceful timeout, which is shorter than
+supervisord's ``stopwaitsecs`` (30 s).
+"""
+
+import math
+
+from gunicorn.app.base import BaseApplication
+
+from common import logs
+from common import settings as settings_module
+
+
+class FanoutHttp(BaseApplication):
+    def __init__(self, options: dict):
+        self.options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        from services.http import app_factory
+
+        return app_factory()
+
+
+def gunicorn_options(settings) -> dict:
+    host, port = settings.http_bind
+    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return {
+        "bind": [bind],
+        "workers": settings.http_workers,
+        "worker_class": "uvicorn_worker.UvicornWorker",
+        "graceful_timeout": math.ceil(settings.shutdown_timeout) + 2,  # seconds
+        "timeout": 30,  # seconds without a worker heartbeat
+        "keepalive": 5,  # seconds an idle keep-alive connection is held
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": settings.log_level.lower(),
+        "proc_name": "fanout-http",
+        "backlog": 2048,
+        # gunicorn's control socket sits at one path per user; several
+        # gateways on one host would fight over it, and nothing uses it.
+        "control_socket_disable": True,
+    }
+
+
+def run_gunicorn() -> None:
+    settings = settings_module.load_or_exit()
+    logs.setup(settings.log_level)
+    FanoutHttp(gunicorn_options(settings)).run()

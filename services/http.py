@@ -1,0 +1,171 @@
+"""The HTTP ingress: ``POST /MESSAGES``, Falcon's ASGI app under gunicorn.
+
+Each gunicorn worker is its own process with its own NATS connection, Redis
+pool and committer, set up at ASGI lifespan startup. Startup does not wait
+for the brokers: until they answer, messages wait up to the publish timeout
+and are then refused with 503.
+"""
+
+import asyncio
+import logging
+
+import falcon
+import falcon.asgi
+import orjson
+
+from common import logs
+from common import settings as settings_module
+from common.brokers import NatsLink, redis_client, wait_for_redis
+from common.committer import Committer
+from common.errors import RejectedError, RetryableError
+from common.message import Parser
+from common.settings import Settings
+
+logger = logging.getLogger("fanout.http")
+
+JSON = "application/json"
+
+
+def _error_body(text: str) -> bytes:
+    return orjson.dumps({"status": "error", "error": text})
+
+
+class MessagesResource:
+    """``/MESSAGES``: one message per POST."""
+
+    def __init__(self, settings: Settings, gateway: "Gateway"):
+        self.settings = settings
+        self.gateway = gateway
+        self.parser = Parser("http", settings.ingress_subject, settings.max_message_bytes)
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response):
+        media_type = (req.content_type or "").split(";", 1)[0].strip().lower()
+        if media_type != JSON:
+            raise falcon.HTTPUnsupportedMediaType(
+                description=f"Content-Type must be {JSON}, not {media_type or 'missing'}"
+            )
+        body = await self._read_body(req)
+        message = self.parser.envelope(body)
+        await self.gateway.committer.accept(message)
+        resp.status = falcon.HTTP_202
+        resp.content_type = JSON
+        resp.data = orjson.dumps(
+            {"status": "accepted", "id": message.id, "topic": message.topic}
+        )
+
+    async def _read_body(self, req: falcon.asgi.Request) -> bytes:
+        limit = self.settings.max_message_bytes
+        if req.content_length is not None:
+            self.parser.check_size(req.content_length)
+        # Read one byte past the limit so a chunked body without a length is
+        # cut off there instead of being read whole.
+        body = await req.stream.read(limit + 1)
+        self.parser.check_size(len(body))
+        return body
+
+
+class Gateway:
+    """What one worker process holds: brokers, committer, lifecycle."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.stopping = asyncio.Event()
+        self.nats: NatsLink | None = None
+        self.committer: Committer | None = None
+        self._connect_tasks: list[asyncio.Task] = []
+
+    async def process_startup(self, scope, event) -> None:
+        settings = self.settings
+        self.nats = NatsLink(settings, f"fanout-http-{logs.process_label()}", logger)
+        self.redis = redis_client(settings)
+        self.committer = Committer(settings, self.nats, self.redis, logger)
+        self.committer.start()
+        self._connect_tasks = [
+            asyncio.create_task(self.nats.connect(self.stopping), name="nats-connect"),
+            asyncio.create_task(
+                wait_for_redis(self.redis, settings.redis_url, logger, self.stopping),
+                name="redis-connect",
+            ),
+        ]
+        logger.info("http worker ready")
+
+    async def process_shutdown(self, scope, event) -> None:
+        logger.info("http worker stopping")
+        self.stopping.set()
+        await self.committer.close(self.settings.shutdown_timeout)
+        for task in self._connect_tasks:
+            task.cancel()
+        await self.nats.close()
+        await self.redis.aclose()
+        logger.info("http worker stopped")
+
+
+_refusals = logs.RateLimited(logger)
+
+
+async def _rejected(req, resp, exc: RejectedError, params) -> None:
+    _refusals.warning("refused message from %s: %s", req.remote_addr, exc)
+    resp.status = exc.http_status
+    resp.content_type = JSON
+    resp.data = _error_body(str(exc))
+
+
+async def _retryable(req, resp, exc: RetryableError, params) -> None:
+    resp.status = falcon.HTTP_503
+    resp.content_type = JSON
+    resp.set_header("Retry-After", str(exc.retry_after))
+    resp.data = _error_body(str(exc))
+
+
+async def _unexpected(req, resp, exc: Exception, params) -> None:
+    if isinstance(exc, falcon.HTTPError):
+        _serialize_http_error(req, resp, exc)
+        return
+    logger.exception("unexpected error handling %s %s", req.method, req.path)
+    resp.status = falcon.HTTP_500
+    resp.content_type = JSON
+    resp.data = _error_body("internal error; the message was not accepted")
+
+
+def _serialize_http_error(req, resp, exc: falcon.HTTPError) -> None:
+    resp.status = exc.status
+    resp.content_type = JSON
+    text = exc.description or exc.title
+    if exc.status == falcon.HTTP_404:
+        text = f"no such resource: {req.path}; messages go to POST /MESSAGES"
+    elif exc.status == falcon.HTTP_405:
+        text = f"method {req.method} is not allowed on {req.path}; use POST"
+    resp.data = _error_body(text)
+    for name, value in (exc.headers or {}).items():
+        resp.set_header(name, value)
+
+
+def create_app(settings: Settings | None = None) -> falcon.asgi.App:
+    """The ASGI app; gunicorn's workers each build one."""
+    settings = settings or settings_module.load_or_exit()
+    gateway = Gateway(settings)
+    resource = MessagesResource(settings, gateway)
+    app = falcon.asgi.App(middleware=[gateway])
+    app.req_options.strip_url_path_trailing_slash = False
+    app.add_route("/MESSAGES", resource)
+    app.add_error_handler(Exception, _unexpected)
+    app.add_error_handler(RejectedError, _rejected)
+    app.add_error_handler(RetryableError, _retryable)
+    app.set_error_serializer(_serialize_http_error)
+    return app
+
+
+def app_factory() -> falcon.asgi.App:
+    logs.setup(settings_module.load_or_exit().log_level)
+    return create_app()
+
+
+def main() -> None:
+    """``fanout-http``: gunicorn with uvicorn workers, configured from settings."""
+    from services.gunicorn_app import run_gunicorn
+
+    run_gunicorn()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The NATS ingress: a consumer of the subject ``MESSAGES``.
+
+Consumers subscribe in the queue group :data:`QUEUE_GROUP`, so however many
+run, the server hands each ingress message to one of them. Core NATS is
+at-most-once on the way in: a message published while no consumer is
+subscribed, or dropped by the server because a consumer fell behind, is
+gone before Fanout sees it. Once received, a message is not lost by the
+gateway: the consumer publishes and logs every message it holds before it
+stops.
+"""
+
+import asyncio
+import logging
+import time
+
+import nats.errors
+
+from common import logs, runtime
+from common import settings as settings_module
+from common.audit import audit_entry
+from common.brokers import NatsLink, redis_client, wait_for_redis
+from common.consumer import retry, sort_batch
+from common.message import Parser
+from common.settings import Settings
+
+logger = logging.getLogger("fanout.nats")
+
+QUEUE_GROUP = "fanout"
+PENDING_MESSAGES = 200_000  # held by nats-py before it drops (slow consumer)
+PENDING_BYTES = 256 * 1024 * 1024
+
+
+class NatsConsumer:
+    def __init__(self, settings: Settings, stopping: asyncio.Event):
+        self.settings = settings
+        self.stopping = stopping
+        self.parser = Parser("nats", settings.ingress_subject, settings.max_message_bytes)
+        self.refusals = logs.RateLimited(logger)
+        self.nats = NatsLink(settings, f"fanout-nats-{logs.process_label()}", logger)
+        self.redis = redis_client(settings)
+        self.inbox: list[tuple[None, bytes]] = []
+        self.arrived = asyncio.Event()
+        self.delivered = 0
+        self.dead_lettered = 0
+
+    async def _on_message(self, msg) -> None:
+        self.inbox.append((None, msg.data))
+        self.arrived.set()
+
+    async def run(self) -> int:
+        if not await self.nats.connect(self.stopping):
+            return 0
+        if not await wait_for_redis(
+            self.redis, self.settings.redis_url, logger, self.stopping
+        ):
+            await self.nats.close()
+            return 0
+        subscription = await self.nats.nc.subscribe(
+            self.settings.ingress_subject,
+            queue=QUEUE_GROUP,
+            cb=self._on_message,
+            pending_msgs_limit=PENDING_MESSAGES,
+            pending_bytes_limit=PENDING_BYTES,
+        )
+        logger.info(
+            "nats consumer subscribed to %s in queue group %s",
+            self.settings.ingress_subject,
+            QUEUE_GROUP,
+        )
+        worker_task = asyncio.create_task(self._work(), name="nats-worker")
+        await self.stopping.wait()
+        await self._shutdown(subscription, worker_task)
+        return 0
+
+    async def _work(self) -> None:
+        while True:
+            if not self.inbox:
+                self.arrived.clear()
+                await self.arrived.wait()
+                continue
+            batch_size = self.settings.batch_size
+            batch, self.inbox[:] = self.inbox[:batch_size], self.inbox[batch_size:]
+            await self._deliver(batch)
+
+    async def _deliver(self, batch: list[tuple[None, bytes]]) -> None:
+        messages, dead = sort_batch(self.parser, batch, self.refusals, time.time)
+        if messages:
+            await retry(
+                lambda: self.nats.publish(messages, self.settings.publish_timeout),
+                f"publishing {len(messages)} messages to nats",
+                logger,
+                lambda: False,
+            )
+
+        async def append():
+            pipe = self.redis.pipeline(transaction=False)
+            if messages:
+                pipe.rpush(self.settings.log_list, *[audit_entry(m) for m in messages])
+            if dead:
+                pipe.rpush(self.settings.dead_list, *dead)
+            return await pipe.execute()
+
+        await retry(append, "writing the audit log", logger, lambda: False)
+        self.delivered += len(messages)
+        self.dead_lettered += len(dead)
+
+    async def _shutdown(self, subscription, worker_task: asyncio.Task) -> None:
+        # Drain: unsubscribe and let nats-py hand over what it already
+        # received, then deliver everything held before closing.
+        logger.info("nats consumer stopping")
+        timeout = self.settings.shutdown_timeout
+        try:
+            await asyncio.wait_for(subscription.drain(), timeout / 3)
+        except (nats.errors.Error, TimeoutError) as exc:
+            logger.warning("nats subscription drain: %r", exc)
+
+        async def held_delivered():
+            while self.inbox or self.arrived.is_set():
+                await asyncio.sleep(0.01)
+
+        try:
+            await asyncio.wait_for(held_delivered(), timeout / 2)
+        except TimeoutError:
+            logger.error(
+                "shutdown: %d received messages not delivered in time",
+                len(self.inbox),
+            )
+        worker_task.cancel()
+        await self.nats.close()
+        await self.redis.aclose()
+        logger.info(
+            "nats consumer stopped: %d delivered, %d dead-lettered",
+            self.delivered,
+            self.dead_lettered,
+        )
+
+
+def main() -> None:
+    """``fanout-nats``."""
+    settings = settings_module.load_or_exit()
+    logs.setup(settings.log_level)
+    raise SystemExit(
+        runtime.run(lambda stopping: NatsConsumer(settings, stopping).run())
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""The Redis ingress: a consumer of the list ``MESSAGES``.
+
+Delivery is at-least-once. Items are never popped into memory only: a Lua
+script moves a batch from the head of the ingress list onto this consumer's
+own *processing list*, giving each item an id on the way. Only after the
+batch is published to NATS are its items removed from the processing list,
+in the same MULTI/EXEC that appends their audit entries and dead letters.
+A consumer killed at any point leaves its batch on its processing list; on
+start it delivers that list first, and a consumer that died for good has
+its list taken over by a live one once its heartbeat key expires. A
+redelivered item keeps its id, which travels in the ``Nats-Msg-Id`` header.
+
+Producers ``RPUSH``; the consumer takes from the head, so a backlog is
+delivered in the order it was pushed.
+
+Limits: the ingress list, processing lists and audit log must live on one
+Redis server (no Redis Cluster slot routing); a batch is at most
+:data:`MAX_BATCH` items.
+"""
+
+import asyncio
+import logging
+import os
+import socket
+
+import redis.asyncio as aioredis
+
+from common import logs, runtime
+from common import settings as settings_module
+from common.audit import audit_entry
+from common.brokers import NatsLink, redis_client, wait_for_redis
+from common.consumer import retry, sort_batch
+from common.message import MessageIds, Parser
+from common.settings import Settings
+
+logger = logging.getLogger("fanout.redis")
+
+MAX_BATCH = 5000  # items per take; Lua's unpack() has a stack limit near 8000
+HEARTBEAT_TTL = 15_000  # milliseconds a consumer counts as alive after a beat
+HEARTBEAT_EVERY = 5.0  # seconds
+TAKEOVER_EVERY = 10.0  # seconds between scans for dead consumers' lists
+
+# KEYS[1] ingress list, KEYS[2] processing list; ARGV[1] count, ARGV[2] id
+# prefix. What the processing list still holds comes first: it is a batch a
+# previous run of this consumer took and did not finish.
+TAKE = """
+local held = redis.call('LRANGE', KEYS[2], 0, tonumber(ARGV[1]) - 1)
+if #held > 0 then return held end
+local items = redis.call('LPOP', KEYS[1], tonumber(ARGV[1]))
+if not items then return {} end
+for i, item in ipairs(items) do
+  items[i] = ARGV[2] .. i .. '\\n' .. item
+end
+redis.call('RPUSH', KEYS[2], unpack(items))
+return items
+"""
+
+# KEYS[1] the dead consumer's processing list, KEYS[2] its heartbeat key,
+# KEYS[3] our processing list. Appends to our tail: our batch in flight sits
+# at the head and is trimmed from there by count.
+TAKEOVER = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+local total = 0
+while true do
+  local items = redis.call('LRANGE', KEYS[1], 0, 999)
+  if #items == 0 then break end
+  redis.call('RPUSH', KEYS[3], unpack(items))
+  redis.call('LTRIM', KEYS[1], #items, -1)
+  total = total + #items
+end
+return total
+"""
+
+# KEYS[1] processing list, KEYS[2] ingress list. Puts unfinished items back
+# at the head of the ingress list in their order, without their ids.
+GIVE_BACK = """
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+for i = #items, 1, -1 do
+  local cut = string.find(items[i], '\\n', 1, true)
+  redis.call('LPUSH', KEYS[2], string.sub(items[i], cut + 1))
+end
+redis.call('DEL', KEYS[1])
+return #items
+"""
+
+
+def consumer_name(settings: Settings) -> str:
+    """Stable across restarts, so a restarted consumer finds its own list."""
+    if settings.consumer_name:
+        return settings.consumer_name
+    process = os.environ.get("SUPERVISOR_PROCESS_NAME") or f"pid{os.getpid()}"
+    return f"{socket.gethostname()}:{process}"
+
+
+class RedisConsumer:
+    def __init__(self, settings: Settings, stopping: asyncio.Event):
+        self.settings = settings
+        self.stopping = stopping
+        self.name = consumer_name(settings)
+        prefix = settings.ingress_list
+        self.processing = f"{prefix}:processing:{self.name}"
+        self.heartbeat = f"{prefix}:consumer:{self.name}"
+        self.batch_size = min(settings.batch_size, MAX_BATCH)
+        self.parser = Parser(
+            "redis", settings.ingress_subject, settings.max_message_bytes
+        )
+        self.ids = MessageIds()
+        self.refusals = logs.RateLimited(logger)
+        self.nats = NatsLink(settings, f"fanout-redis-{self.name}", logger)
+        self.redis = redis_client(settings)
+        self.waiter = redis_client(settings, blocking_pop=True)
+        self.take_script = self.redis.register_script(TAKE)
+        self.takeover_script = self.redis.register_script(TAKEOVER)
+        self.give_back_script = self.redis.register_script(GIVE_BACK)
+        self.delivered = 0
+        self.dead_lettered = 0
+        self._stop_deadline: float | None = None
+
+    async def run(self) -> int:
+        if not await self.nats.connect(self.stopping):
+            return 0
+        if not await wait_for_redis(
+            self.redis, self.settings.redis_url, logger, self.stopping
+        ):
+            await self.nats.close()
+            return 0
+        logger.info(
+            "redis consumer %s taking from %s (processing list %s)",
+            self.name,
+            self.settings.ingress_list,
+            self.processing,
+        )
+        background = [
+            asyncio.create_task(self._beat(), name="heartbeat"),
+            asyncio.create_task(self._take_over_dead(), name="takeover"),
+        ]
+        try:
+            await self._consume()
+        finally:
+            for task in background:
+                task.cancel()
+            await self._shutdown()
+        return 0
+
+    async def _consume(self) -> None:
+        batches = 0
+        while not self.stopping.is_set():
+            # Take nothing while NATS is away: it would only sit in memory.
+            if not self.nats.connected.is_set():
+                await _first(self.nats.connected.wait(), self.stopping.wait())
+                continue
+            batches += 1
+            entries = await retry(
+                lambda: self.take_script(
+                    keys=[self.settings.ingress_list, self.processing],
+                    args=[self.batch_size, f"{self.ids.prefix}-{batches:x}."],
+                ),
+                "taking a batch from redis",
+                logger,
+                self.stopping.is_set,
+            )
+            if entries is None:
+                break
+            if entries:
+                await self._deliver(entries)
+            else:
+                await self._wait_for_items()
+
+    async def _wait_for_items(self) -> None:
+        # BLMOVE from the list onto itself, head to head, waits for an item
+        # without taking it; the next TAKE moves it atomically.
+        block = self.settings.redis_block_timeout
+        try:
+            await _first(
+                self.waiter.blmove(
+                    self.settings.ingress_list,
+                    self.settings.ingress_list,
+                    block,
+                    "LEFT",
+                    "LEFT",
+                ),
+                self.stopping.wait(),
+            )
+        except (aioredis.RedisError, OSError) as exc:
+            logger.warning("redis blocking wait failed (%r); reconnecting", exc)
+            await asyncio.sleep(1)
+
+    async def _deliver(self, entries: list[bytes]) -> None:
+        items = []
+        for entry in entries:
+            message_id, _, raw = entry.partition(b"\n")
+            items.append((message_id.decode(), raw))
+        messages, dead = sort_batch(self.parser, items, self.refusals)
+
+        if messages:
+            published = await retry(
+                lambda: self.nats.publish(messages, self.settings.publish_timeout),
+                f"publishing {len(messages)} messages to nats",
+                logger,
+                self._past_stop_deadline,
+            )
+            if published is None and self._past_stop_deadline():
+                return  # left on the processing list; given back at shutdown
+
+        async def commit():
+            pipe = self.redis.pipeline(transaction=True)
+            if messages:
+                pipe.rpush(self.settings.log_list, *[audit_entry(m) for m in messages])
+            if dead:
+                pipe.rpush(self.settings.dead_list, *dead)
+            pipe.ltrim(self.processing, len(entries), -1)
+            return await pipe.execute()
+
+        done = await retry(
+            commit, "writing the audit log", logger, self._past_stop_deadline
+        )
+        if done is not None:
+            self.delivered += len(messages)
+            self.dead_lettered += len(dead)
+
+    def _past_stop_deadline(self) -> bool:
+        if not self.stopping.is_set():
+            return False
+        loop = asyncio.get_running_loop()
+        if self._stop_deadline is None:
+            self._stop_deadline = loop.time() + self.settings.shutdown_timeout / 2
+        return loop.time() >= self._stop_deadline
+
+    async def _beat(self) -> None:
+        while True:
+            try:
+                await self.redis.set(self.heartbeat, os.getpid(), px=HEARTBEAT_TTL)
+            except (aioredis.RedisError, OSError):
+                pass  # the main loop reports Redis outages
+            await asyncio.sleep(HEARTBEAT_EVERY)
+
+    async def _take_over_dead(self) -> None:
+        prefix = f"{self.settings.ingress_list}:processing:"
+        while True:
+            try:
+                await self._scan_dead(prefix)
+            except (aioredis.RedisError, OSError):
+                pass  # the main loop reports Redis outages
+            await asyncio.sleep(TAKEOVER_EVERY)
+
+    async def _scan_dead(self, prefix: str) -> None:
+        async for key in self.redis.scan_iter(match=f"{prefix}*", count=100):
+            key = key.decode()
+            if key == self.processing:
+                continue
+            name = key[len(prefix) :]
+            heartbeat = f"{self.settings.ingress_list}:consumer:{name}"
+            moved = await self.takeover_script(keys=[key, heartbeat, self.processing])
+            if moved > 0:
+                logger.warning(
+                    "took over %d unfinished items from consumer %s, whose "
+                    "heartbeat expired",
+                    moved,
+                    name,
+                )
+
+    async def _shutdown(self) -> None:
+        logger.info("redis consumer stopping")
+        try:
+            returned = await self.give_back_script(
+                keys=[self.processing, self.settings.ingress_list]
+            )
+            if returned:
+                logger.warning("gave %d unfinished items back to the list", returned)
+            await self.redis.delete(self.heartbeat)
+        except (aioredis.RedisError, OSError) as exc:
+            logger.error(
+                "could not give unfinished items back (%r); they stay on %s "
+                "and are delivered when a consumer takes that list over",
+                exc,
+                self.processing,
+            )
+        await self.nats.close()
+        await self.redis.aclose()
+        await self.waiter.aclose()
+        logger.info(
+            "redis consumer stopped: %d delivered, %d dead-lettered",
+            self.delivered,
+            self.dead_lettered,
+        )
+
+
+async def _first(*aws) -> None:
+    """Wait for the first of ``aws`` to finish and cancel the rest."""
+    tasks = [asyncio.ensure_future(aw) for aw in aws]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+    for task in done:
+        task.result()
+
+
+def main() -> None:
+    """``fanout-redis``."""
+    settings = settings_module.load_or_exit()
+    logs.setup(settings.log_level)
+    raise SystemExit(
+        runtime.run(lambda stopping: RedisConsumer(settings, stopping).run())
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""``fanout``: run the whole gateway under supervisord.
+
+``fanout run`` validates the settings (exit 78 on a bad one, before anything
+starts), fills in the variables ``supervisord.conf`` expands, and replaces
+itself with ``supervisord -n`` in the foreground: Ctrl-C stops everything.
+``fanout start`` does the same with supervisord daemonized, and
+``fanout ctl ARGS`` runs ``supervisorctl ARGS`` against it.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from common import settings as settings_module
+
+ROOT = Path(__file__).resolve().parent.parent
+USAGE = "usage: fanout run | fanout start | fanout ctl SUPERVISORCTL-ARGS"
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("FANOUT_SUPERVISORD_CONF", ROOT / "supervisord.conf"))
+
+
+def supervisor_environment(environ: dict[str, str]) -> dict[str, str]:
+    """The environment supervisord and every Fanout process run with."""
+    settings = settings_module.load_or_exit(environ)
+    env = dict(environ)
+    env.update(
+        FANOUT_LOG_DIR=settings.log_dir,
+        FANOUT_RUN_DIR=settings.run_dir,
+        FANOUT_REDIS_CONSUMERS=str(settings.redis_consumers),
+        FANOUT_NATS_CONSUMERS=str(settings.nats_consumers),
+        FANOUT_EMBED_NATS=str("nats" in settings.embedded).lower(),
+        FANOUT_EMBED_REDIS=str("redis" in settings.embedded).lower(),
+    )
+    # Children are found on PATH: put this virtualenv's scripts first.
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+    Path(settings.log_dir).mkdir(parents=True, exist_ok=True)
+    Path(settings.run_dir).mkdir(parents=True, exist_ok=True)
+    (config_path().parent / "var" / "run").mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if not args or args[0] not in ("run", "start", "ctl"):
+        raise SystemExit(USAGE)
+    env = supervisor_environment(dict(os.environ))
+    bin_dir = Path(sys.executable).parent
+    conf = str(config_path())
+    if args[0] == "ctl":
+        command = [str(bin_dir / "supervisorctl"), "-c", conf, *args[1:]]
+    else:
+        command = [str(bin_dir / "supervisord"), "-c", conf]
+        if args[0] == "run":
+            command.append("-n")
+    os.execve(command[0], command, env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The WebSocket ingress: ``ws://host:port/MESSAGES``.
+
+Every frame is one message and gets one answer frame, in the order the
+frames came, so a client can keep many frames in flight and match answers
+by position. A connection reads ahead at most :data:`WINDOW` unanswered
+frames; past that it stops reading until answers go out (backpressure).
+"""
+
+import asyncio
+import logging
+from http import HTTPStatus
+from urllib.parse import urlsplit
+
+import orjson
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request
+
+from common import logs, runtime
+from common import settings as settings_module
+from common.brokers import NatsLink, redis_client, wait_for_redis
+from common.committer import Committer
+from common.errors import FanoutError, RejectedError, RetryableError
+from common.message import Message, Parser
+from common.settings import Settings
+
+logger = logging.getLogger("fanout.ws")
+
+WINDOW = 1000  # unanswered frames one connection may have in flight
+PATH = "/MESSAGES"
+_END = object()  # tells a connection's writer that no more answers come
+
+
+def _error_frame(exc: FanoutError) -> bytes:
+    answer: dict[str, object] = {"status": "error", "error": str(exc)}
+    if isinstance(exc, RetryableError):
+        answer["retryable"] = True
+    return orjson.dumps(answer)
+
+
+class Session:
+    """One client connection: a reader that submits, a writer that answers."""
+
+    def __init__(self, ws: ServerConnection, ingress: "WsIngress"):
+        self.ws = ws
+        self.ingress = ingress
+        self.answers: asyncio.Queue = asyncio.Queue(maxsize=WINDOW)
+        self.read_task: asyncio.Task | None = None
+
+    async def run(self) -> None:
+        writer_task = asyncio.create_task(self._write(), name="ws-writer")
+        self.read_task = asyncio.create_task(self._read(), name="ws-reader")
+        try:
+            await self.read_task
+        except asyncio.CancelledError:
+            # Cancelled by shutdown: recv() is safe to cancel, no frame is lost.
+            if not self.ingress.stopping.is_set():
+                raise
+        finally:
+            await self.answers.put(_END)
+            await writer_task
+
+    async def _read(self) -> None:
+        parser = self.ingress.parser
+        submit = self.ingress.committer.submit
+        put = self.answers.put
+        try:
+            while True:
+                frame = await self.ws.recv()
+                data = frame.encode() if isinstance(frame, str) else frame
+                try:
+                    message = parser.bare(data)
+                    await put((message, submit(message)))
+                except FanoutError as exc:
+                    self._log_refusal(exc)
+                    await put(_error_frame(exc))
+        except ConnectionClosed:
+            pass
+
+    def _log_refusal(self, exc: FanoutError) -> None:
+        if isinstance(exc, RejectedError):
+            self.ingress.refusals.warning(
+                "refused frame from %s: %s", self.ws.remote_address, exc
+            )
+
+    async def _write(self) -> None:
+        # Answers leave in frame order: each waits for its own confirmation.
+        send = self.ws.send
+        get = self.answers.get
+        while (item := await get()) is not _END:
+            if isinstance(item, bytes):
+                answer = item
+            else:
+                answer = await self._confirm(*item)
+            try:
+                await send(answer, text=True)
+            except ConnectionClosed:
+                pass  # the client left; its messages were still committed
+
+    @staticmethod
+    async def _confirm(message: Message, waiter: asyncio.Future | None) -> bytes:
+        if waiter is not None:
+            try:
+                await waiter
+            except RetryableError as exc:
+                return _error_frame(exc)
+        return orjson.dumps(
+            {"status": "accepted", "id": message.id, "topic": message.topic}
+        )
+
+
+class WsIngress:
+    """The process: brokers, committer, server and its sessions."""
+
+    def __init__(self, settings: Settings, stopping: asyncio.Event):
+        self.settings = settings
+        self.stopping = stopping
+        self.parser = Parser("ws", settings.ingress_subject, settings.max_message_bytes)
+        self.refusals = logs.RateLimited(logger)
+        self.nats = NatsLink(settings, f"fanout-ws-{logs.process_label()}", logger)
+        self.redis = redis_client(settings)
+        self.committer = Committer(settings, self.nats, self.redis, logger)
+        self.sessions: set[Session] = set()
+
+    def process_request(self, connection: ServerConnection, request: Request):
+        path = urlsplit(request.path).path
+        if path != PATH:
+            return connection.respond(
+                HTTPStatus.NOT_FOUND, f"no such resource: {path}; connect to {PATH}\n"
+            )
+        if self.stopping.is_set():
+            return connection.respond(
+                HTTPStatus.SERVICE_UNAVAILABLE, "the gateway is shutting down\n"
+            )
+        return None
+
+    async def handle(self, ws: ServerConnection) -> None:
+        session = Session(ws, self)
+        self.sessions.add(session)
+        try:
+            await session.run()
+            if self.stopping.is_set():
+                await ws.close(1001, "server shutting down")
+        finally:
+            self.sessions.discard(session)
+
+    async def serve(self) -> int:
+        host, port = self.settings.ws_bind
+        self.committer.start()
+        connect_tasks = [
+            asyncio.create_task(self.nats.connect(self.stopping)),
+            asyncio.create_task(
+                wait_for_redis(
+                    self.redis, self.settings.redis_url, logger, self.stopping
+                )
+            ),
+        ]
+        server = await serve(
+            self.handle,
+            host,
+            port,
+            process_request=self.process_request,
+            max_size=self.settings.max_message_bytes,
+            compression=None,
+            server_header=None,
+        )
+        logger.info("ws ingress listening on %s:%d%s", host, port, PATH)
+        await self.stopping.wait()
+        await self._shutdown(server, connect_tasks)
+        return 0
+
+    async def _shutdown(self, server, connect_tasks: list[asyncio.Task]) -> None:
+        timeout = self.settings.shutdown_timeout
+        logger.info("ws stopping: %d connections open", len(self.sessions))
+
+        # Stop listening first, then stop each reader; writers still answer
+        # every frame already read before the connection closes with 1001.
+        server.close(close_connections=False)
+        for session in list(self.sessions):
+            if session.read_task is not None:
+                session.read_task.cancel()
+        try:
+            await asyncio.wait_for(server.wait_closed(), timeout)
+        except TimeoutError:
+            logger.error("ws shutdown: connections still open after %.1f s", timeout)
+        await self.committer.close(timeout)
+        for task in connect_tasks:
+            task.cancel()
+        await self.nats.close()
+        await self.redis.aclose()
+        logger.info("ws stopped")
+
+
+def main() -> None:
+    """``fanout-ws``."""
+    settings = settings_module.load_or_exit()
+    logs.setup(settings.log_level)
+    raise SystemExit(runtime.run(lambda stopping: WsIngress(settings, stopping).serve()))
+
+
+if __name__ == "__main__":
+    main()
