@@ -14,9 +14,7 @@ def setup(level: str = "INFO") -> None:
     """Send log lines to standard error, each stamped with the pid."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
-        )
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -83,7 +83,7 @@ def _urls(schemes: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
             if not parts.hostname:
                 raise ValueError(f"{_redact(url)} names no host")
             try:
-                parts.port
+                _ = parts.port  # urlsplit checks the port only when asked
             except ValueError:
                 raise ValueError(f"{_redact(url)} has a bad port") from None
         return urls
@@ -146,128 +146,212 @@ redact_url = _redact
 
 SETTINGS: tuple[Setting, ...] = (
     Setting(
-        "nats_urls", "FANOUT_NATS_URL", "URL list", "nats://127.0.0.1:4222",
+        "nats_urls",
+        "FANOUT_NATS_URL",
+        "URL list",
+        "nats://127.0.0.1:4222",
         _urls(("nats", "tls")),
         "NATS server(s) for the ingress subject and the topics; a "
         "comma-separated list is a cluster. Unset: run an embedded nats-server.",
     ),
     Setting(
-        "redis_url", "FANOUT_REDIS_URL", "URL", "redis://127.0.0.1:6379/0",
+        "redis_url",
+        "FANOUT_REDIS_URL",
+        "URL",
+        "redis://127.0.0.1:6379/0",
         _single_url(("redis", "rediss")),
         "Redis server for the ingress list, the audit log and the dead-letter "
         "list. Unset: run an embedded Redis-compatible server.",
     ),
     Setting(
-        "embedded_nats_port", "FANOUT_EMBEDDED_NATS_PORT", "port", "4222",
+        "embedded_nats_port",
+        "FANOUT_EMBEDDED_NATS_PORT",
+        "port",
+        "4222",
         _integer(1, 65535),
-        "Port of the embedded nats-server, used only when FANOUT_NATS_URL "
-        "is unset.",
+        "Port of the embedded nats-server, used only when FANOUT_NATS_URL is unset.",
     ),
     Setting(
-        "embedded_redis_port", "FANOUT_EMBEDDED_REDIS_PORT", "port", "6379",
+        "embedded_redis_port",
+        "FANOUT_EMBEDDED_REDIS_PORT",
+        "port",
+        "6379",
         _integer(1, 65535),
         "Port of the embedded Redis-compatible server, used only when "
         "FANOUT_REDIS_URL is unset.",
     ),
     Setting(
-        "http_bind", "FANOUT_HTTP_BIND", "HOST:PORT", "127.0.0.1:8080", _bind,
+        "http_bind",
+        "FANOUT_HTTP_BIND",
+        "HOST:PORT",
+        "127.0.0.1:8080",
+        _bind,
         "Where the HTTP ingress listens.",
     ),
     Setting(
-        "ws_bind", "FANOUT_WS_BIND", "HOST:PORT", "127.0.0.1:8081", _bind,
+        "ws_bind",
+        "FANOUT_WS_BIND",
+        "HOST:PORT",
+        "127.0.0.1:8081",
+        _bind,
         "Where the WebSocket ingress listens.",
     ),
     Setting(
-        "ingress_list", "FANOUT_INGRESS_LIST", "Redis key", "MESSAGES", _key,
+        "ingress_list",
+        "FANOUT_INGRESS_LIST",
+        "Redis key",
+        "MESSAGES",
+        _key,
         "Redis list the Redis ingress consumes.",
     ),
     Setting(
-        "ingress_subject", "FANOUT_INGRESS_SUBJECT", "NATS subject", "MESSAGES",
-        _key, "NATS subject the NATS ingress subscribes to.",
+        "ingress_subject",
+        "FANOUT_INGRESS_SUBJECT",
+        "NATS subject",
+        "MESSAGES",
+        _key,
+        "NATS subject the NATS ingress subscribes to.",
     ),
     Setting(
-        "log_list", "FANOUT_LOG_LIST", "Redis key", "MESSAGES:log", _key,
+        "log_list",
+        "FANOUT_LOG_LIST",
+        "Redis key",
+        "MESSAGES:log",
+        _key,
         "Redis list that holds the audit log of accepted messages.",
     ),
     Setting(
-        "dead_list", "FANOUT_DEAD_LIST", "Redis key", "MESSAGES:dead", _key,
-        "Redis list that keeps refused Redis and NATS ingress items, with "
-        "the reason.",
+        "dead_list",
+        "FANOUT_DEAD_LIST",
+        "Redis key",
+        "MESSAGES:dead",
+        _key,
+        "Redis list that keeps refused Redis and NATS ingress items, with the reason.",
     ),
     Setting(
-        "http_workers", "FANOUT_HTTP_WORKERS", "integer", "2", _integer(1, 64),
+        "http_workers",
+        "FANOUT_HTTP_WORKERS",
+        "integer",
+        "2",
+        _integer(1, 64),
         "Number of gunicorn worker processes for the HTTP ingress.",
     ),
     Setting(
-        "redis_consumers", "FANOUT_REDIS_CONSUMERS", "integer", "1",
-        _integer(1, 64), "Number of Redis ingress consumer processes.",
+        "redis_consumers",
+        "FANOUT_REDIS_CONSUMERS",
+        "integer",
+        "1",
+        _integer(1, 64),
+        "Number of Redis ingress consumer processes.",
     ),
     Setting(
-        "nats_consumers", "FANOUT_NATS_CONSUMERS", "integer", "1",
-        _integer(1, 64), "Number of NATS ingress consumer processes.",
+        "nats_consumers",
+        "FANOUT_NATS_CONSUMERS",
+        "integer",
+        "1",
+        _integer(1, 64),
+        "Number of NATS ingress consumer processes.",
     ),
     Setting(
-        "log_dir", "FANOUT_LOG_DIR", "path", "var/log", _path,
-        "Directory of the per-process log files (relative to the working "
-        "directory).",
+        "log_dir",
+        "FANOUT_LOG_DIR",
+        "path",
+        "var/log",
+        _path,
+        "Directory of the per-process log files (relative to the working directory).",
     ),
     Setting(
-        "run_dir", "FANOUT_RUN_DIR", "path", "var/run", _path,
+        "run_dir",
+        "FANOUT_RUN_DIR",
+        "path",
+        "var/run",
+        _path,
         "Directory of the supervisord socket and pid file and the embedded "
         "brokers' data.",
     ),
     Setting(
-        "log_level", "FANOUT_LOG_LEVEL", "level", "info", _level,
+        "log_level",
+        "FANOUT_LOG_LEVEL",
+        "level",
+        "info",
+        _level,
         "Least severe log level written: debug, info, warning or error.",
     ),
     Setting(
-        "confirm", "FANOUT_CONFIRM", "boolean", "true", _boolean,
+        "confirm",
+        "FANOUT_CONFIRM",
+        "boolean",
+        "true",
+        _boolean,
         "HTTP and WebSocket answer only after NATS confirmed the message and "
         "its audit entry is written. false: answer on receipt "
         "(fire-and-forget).",
     ),
     Setting(
-        "publish_timeout", "FANOUT_PUBLISH_TIMEOUT", "seconds", "5",
+        "publish_timeout",
+        "FANOUT_PUBLISH_TIMEOUT",
+        "seconds",
+        "5",
         _seconds(0.1, 300),
         "How long a message waits for NATS and Redis before it is refused "
         "as retryable.",
     ),
     Setting(
-        "max_pending", "FANOUT_MAX_PENDING", "integer", "20000",
+        "max_pending",
+        "FANOUT_MAX_PENDING",
+        "integer",
+        "20000",
         _integer(1, 10_000_000),
         "Unconfirmed messages one process may hold; beyond it new ones are "
         "refused as retryable.",
     ),
     Setting(
-        "batch_size", "FANOUT_BATCH_SIZE", "integer", "500",
+        "batch_size",
+        "FANOUT_BATCH_SIZE",
+        "integer",
+        "500",
         _integer(1, 100_000),
         "Most messages published, logged and confirmed together in one batch.",
     ),
     Setting(
-        "max_message_bytes", "FANOUT_MAX_MESSAGE_BYTES", "bytes", "1048576",
+        "max_message_bytes",
+        "FANOUT_MAX_MESSAGE_BYTES",
+        "bytes",
+        "1048576",
         _integer(64, 64 * 1024 * 1024),
         "Largest message accepted (an HTTP body, a frame, a list item).",
     ),
     Setting(
-        "redis_block_timeout", "FANOUT_REDIS_BLOCK_TIMEOUT", "seconds", "5",
+        "redis_block_timeout",
+        "FANOUT_REDIS_BLOCK_TIMEOUT",
+        "seconds",
+        "5",
         _seconds(0.1, 3600),
-        "How long one blocking wait on the ingress list lasts before it is "
-        "renewed.",
+        "How long one blocking wait on the ingress list lasts before it is renewed.",
     ),
     Setting(
-        "redis_pool_size", "FANOUT_REDIS_POOL_SIZE", "integer", "16",
+        "redis_pool_size",
+        "FANOUT_REDIS_POOL_SIZE",
+        "integer",
+        "16",
         _integer(1, 1024),
         "Redis connections each process shares for audit writes; callers "
         "wait for a free one.",
     ),
     Setting(
-        "consumer_name", "FANOUT_CONSUMER_NAME", "string", "",
+        "consumer_name",
+        "FANOUT_CONSUMER_NAME",
+        "string",
+        "",
         lambda text: text and _key(text),
         "Name of a Redis consumer's processing list. Empty: host name and "
         "supervisord process name.",
     ),
     Setting(
-        "shutdown_timeout", "FANOUT_SHUTDOWN_TIMEOUT", "seconds", "10",
+        "shutdown_timeout",
+        "FANOUT_SHUTDOWN_TIMEOUT",
+        "seconds",
+        "10",
         _seconds(1, 25),
         "How long a stopping process may take to finish and flush what it "
         "holds (supervisord waits 30 s).",

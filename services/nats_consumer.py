@@ -34,7 +34,9 @@ class NatsConsumer:
     def __init__(self, settings: Settings, stopping: asyncio.Event):
         self.settings = settings
         self.stopping = stopping
-        self.parser = Parser("nats", settings.ingress_subject, settings.max_message_bytes)
+        self.parser = Parser(
+            "nats", settings.ingress_subject, settings.max_message_bytes
+        )
         self.refusals = logs.RateLimited(logger)
         self.nats = NatsLink(settings, f"fanout-nats-{logs.process_label()}", logger)
         self.redis = redis_client(settings)

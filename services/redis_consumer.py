@@ -150,10 +150,11 @@ class RedisConsumer:
                 await _first(self.nats.connected.wait(), self.stopping.wait())
                 continue
             batches += 1
+            id_prefix = f"{self.ids.prefix}-{batches:x}."
             entries = await retry(
                 lambda: self.take_script(
                     keys=[self.settings.ingress_list, self.processing],
-                    args=[self.batch_size, f"{self.ids.prefix}-{batches:x}."],
+                    args=[self.batch_size, id_prefix],
                 ),
                 "taking a batch from redis",
                 logger,

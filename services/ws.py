@@ -195,7 +195,9 @@ def main() -> None:
     """``fanout-ws``."""
     settings = settings_module.load_or_exit()
     logs.setup(settings.log_level)
-    raise SystemExit(runtime.run(lambda stopping: WsIngress(settings, stopping).serve()))
+    raise SystemExit(
+        runtime.run(lambda stopping: WsIngress(settings, stopping).serve())
+    )
 
 
 if __name__ == "__main__":
