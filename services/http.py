@@ -43,8 +43,9 @@ class MessagesResource:
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response):
         media_type = (req.content_type or "").split(";", 1)[0].strip().lower()
         if media_type != JSON:
+            given = media_type or "missing"
             raise falcon.HTTPUnsupportedMediaType(
-                description=f"Content-Type must be {JSON}, not {media_type or 'missing'}"
+                description=f"Content-Type must be {JSON}, not {given}"
             )
         body = await self._read_body(req)
         message = self.parser.envelope(body)

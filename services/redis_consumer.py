@@ -152,9 +152,9 @@ class RedisConsumer:
             batches += 1
             id_prefix = f"{self.ids.prefix}-{batches:x}."
             entries = await retry(
-                lambda: self.take_script(
+                lambda prefix=id_prefix: self.take_script(
                     keys=[self.settings.ingress_list, self.processing],
-                    args=[self.batch_size, id_prefix],
+                    args=[self.batch_size, prefix],
                 ),
                 "taking a batch from redis",
                 logger,
