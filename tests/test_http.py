@@ -1,0 +1,136 @@
+"""The HTTP ingress, driven with requests as in the protocol description."""
+
+import json
+
+import orjson
+import pytest
+import requests
+
+from tests.support import audit_log
+
+
+@pytest.fixture
+def http(launch):
+    gateway = launch.start("fanout-http")
+    return f"http://127.0.0.1:{gateway.port}/MESSAGES"
+
+
+def post(url, body, content_type="application/json"):
+    data = body if isinstance(body, bytes) else body.encode()
+    return requests.post(
+        url, data=data, headers={"Content-Type": content_type}, timeout=10
+    )
+
+
+def test_message_text_is_published_byte_identical_and_audited(http, subscriber, rdb):
+    """A string "message" reaches its topic as the same bytes and is logged."""
+    text = json.dumps({"topic": "internal.updates", "data": {"value": 42}})
+    response = requests.post(http, json={"message": text}, timeout=10)
+
+    assert response.status_code == 202
+    answer = response.json()
+    assert answer["status"] == "accepted"
+    assert answer["topic"] == "internal.updates"
+    [msg] = subscriber.wait_for(1, "internal.")
+    assert msg.subject == "internal.updates"
+    assert msg.data == text.encode()
+    assert msg.headers["Nats-Msg-Id"] == answer["id"]
+    [entry] = [orjson.loads(e) for e in audit_log(rdb)]
+    assert entry["id"] == answer["id"]
+    assert entry["ingress"] == "http"
+    assert entry["topic"] == "internal.updates"
+    assert entry["message"] == json.loads(text)
+    assert entry["received_at"].endswith("Z")
+
+
+def test_message_object_is_published_compact(http, subscriber):
+    """An object "message" is published as its compact serialization."""
+    body = '{"message": {"topic": "internal.obj", "data": [1, 2]}}'
+    assert post(http, body).status_code == 202
+    [msg] = subscriber.wait_for(1, "internal.")
+    assert msg.data == b'{"topic":"internal.obj","data":[1,2]}'
+
+
+def test_client_id_is_kept(http, subscriber, rdb):
+    """An "id" in the envelope becomes the message id and the Nats-Msg-Id."""
+    body = {"id": "order-17.retry:1", "message": {"topic": "internal.ids"}}
+    response = requests.post(http, json=body, timeout=10)
+    assert response.json()["id"] == "order-17.retry:1"
+    [msg] = subscriber.wait_for(1, "internal.")
+    assert msg.headers["Nats-Msg-Id"] == "order-17.retry:1"
+
+
+REFUSALS = [
+    ("", "request body is empty; send a JSON object"),
+    ('{"message": ""}', '"message" is an empty string; it must hold a JSON object'),
+    (
+        '{"message": "{\\"topic\\":"}',
+        '"message" is not valid JSON: unexpected end of data: line 1 column 10 '
+        "(char 9)",
+    ),
+    ('{"msg": "x"}', 'request body has no "message" field'),
+    ('{"message": "[1,2]"}', '"message" must hold a JSON object, not an array'),
+    ('{"message": "{\\"data\\": 1}"}', 'message has no "topic" field'),
+    ('{"message": "{\\"topic\\": 42}"}', '"topic" must be a string, not a number'),
+    ("[1]", 'request body must be a JSON object with a "message" field, not an array'),
+    (
+        '{"message": 7}',
+        '"message" must be a JSON object or a string holding one, not a number',
+    ),
+    (
+        "{nope",
+        "request body is not valid JSON: unexpected character, expected a string key: "
+        "line 1 column 2 (char 1)",
+    ),
+    (
+        '{"message": {"topic": "a..b"}}',
+        "\"topic\" 'a..b' has an empty token (leading, trailing or double dot)",
+    ),
+    (
+        '{"message": {"topic": "MESSAGES"}}',
+        "\"topic\" 'MESSAGES' is the gateway's own ingress subject; publishing "
+        "to it would loop back into the gateway",
+    ),
+]
+
+
+@pytest.mark.parametrize("body,error", REFUSALS)
+def test_bad_body_is_refused_with_its_reason(http, subscriber, rdb, body, error):
+    """Each malformed body gets 400 with its own reason; nothing is sent on."""
+    response = post(http, body)
+
+    assert response.status_code == 400
+    assert response.json() == {"status": "error", "error": error}
+    # The next valid message goes through, and is the only thing that did.
+    assert post(http, '{"message": {"topic": "internal.next"}}').status_code == 202
+    messages = subscriber.wait_for(1)
+    assert [m.subject for m in messages] == ["internal.next"]
+    assert len(audit_log(rdb)) == 1
+
+
+def test_wrong_content_type_is_415(http):
+    """A body that is not declared as JSON is refused with 415."""
+    response = post(http, '{"message": {"topic": "a"}}', "text/plain")
+    assert response.status_code == 415
+    assert response.json() == {
+        "status": "error",
+        "error": "Content-Type must be application/json, not text/plain",
+    }
+
+
+def test_content_type_with_charset_is_json(http):
+    """application/json; charset=utf-8 counts as JSON."""
+    body = '{"message": {"topic": "internal.cs"}}'
+    assert post(http, body, "application/json; charset=utf-8").status_code == 202
+
+
+def test_other_methods_are_405_and_other_paths_404(http):
+    """GET on /MESSAGES is 405; any other path is 404; both answer JSON."""
+    got = requests.get(http, timeout=10)
+    assert got.status_code == 405
+    assert got.json()["error"] == "method GET is not allowed on /MESSAGES; use POST"
+    missing = requests.post(http.replace("/MESSAGES", "/other"), json={}, timeout=10)
+    assert missing.status_code == 404
+    assert missing.json()["error"] == (
+        "no such resource: /other; messages go to POST /MESSAGES"
+    )

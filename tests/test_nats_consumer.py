@@ -1,0 +1,92 @@
+"""The NATS ingress, driven with nats-py as in the description."""
+
+import asyncio
+import json
+
+import nats
+import orjson
+import pytest
+
+from tests.support import audit_log, wait_until
+
+
+def publish(url: str, payloads: list[bytes], subject: str = "MESSAGES") -> None:
+    async def send():
+        nc = await nats.connect(url)
+        for payload in payloads:
+            await nc.publish(subject, payload)
+        await nc.flush()
+        await nc.close()
+
+    asyncio.run(send())
+
+
+def test_message_is_published_byte_identical_and_audited(
+    launch, brokers, subscriber, rdb
+):
+    """A message on MESSAGES reaches its topic unchanged, with an audit entry."""
+    launch.start("fanout-nats")
+    text = json.dumps({"topic": "internal.status", "data": {"status": "ok"}})
+    publish(brokers.nats_url, [text.encode()])
+
+    [msg] = subscriber.wait_for(1, "internal.")
+    assert msg.data == text.encode()
+    assert wait_until(lambda: len(audit_log(rdb)) == 1)
+    [entry] = [orjson.loads(e) for e in audit_log(rdb)]
+    assert entry["id"] == msg.headers["Nats-Msg-Id"]
+    assert entry["ingress"] == "nats"
+    assert entry["topic"] == "internal.status"
+    assert entry["message"] == json.loads(text)
+
+
+@pytest.mark.parametrize(
+    "raw,reason",
+    [
+        (
+            b"{",
+            "message is not valid JSON: unexpected end of data: line 1 column 2 "
+            "(char 1)",
+        ),
+        (b'{"topic": ["a"]}', '"topic" must be a string, not an array'),
+        (b'{"topic": "x.>"}', "\"topic\" 'x.>' contains a wildcard (* or >)"),
+    ],
+)
+def test_bad_message_goes_to_the_dead_letter_list(
+    launch, brokers, subscriber, rdb, raw, reason
+):
+    """A bad message is kept with its reason; nothing is published for it."""
+    launch.start("fanout-nats")
+    publish(brokers.nats_url, [raw, b'{"topic": "internal.after"}'])
+
+    messages = subscriber.wait_for(1, "internal.")
+    assert [m.subject for m in messages] == ["internal.after"]
+    assert wait_until(lambda: rdb.llen("MESSAGES:dead") == 1)
+    [dead] = [orjson.loads(e) for e in rdb.lrange("MESSAGES:dead", 0, -1)]
+    assert dead == {
+        "received_at": dead["received_at"],
+        "ingress": "nats",
+        "reason": reason,
+        "raw": raw.decode(),
+    }
+    assert len(audit_log(rdb)) == 1
+
+
+def test_two_consumers_deliver_each_message_once(launch, brokers, subscriber, rdb):
+    """Two consumer processes in one queue group: 1,000 messages, each once."""
+    first = launch.start("fanout-nats")
+    second = launch.start("fanout-nats")
+    payloads = [
+        json.dumps({"topic": "internal.shared", "n": n}).encode() for n in range(1000)
+    ]
+    publish(brokers.nats_url, payloads)
+
+    messages = subscriber.wait_for(1000, "internal.shared")
+    assert wait_until(lambda: len(audit_log(rdb)) >= 1000)
+    numbers = sorted(orjson.loads(m.data)["n"] for m in messages)
+    assert numbers == list(range(1000))
+    assert len(audit_log(rdb)) == 1000
+    # Both processes took part.
+    first.stop()
+    second.stop()
+    for gateway in (first, second):
+        assert "nats consumer stopped: 0 delivered" not in gateway.output()
