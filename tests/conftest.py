@@ -6,8 +6,15 @@ from dataclasses import dataclass
 import pytest
 import redis
 
-from tests.support import Gateway, Server, Subscriber, free_port, nats_server
-from tests.support import redis_server, wait_for_port
+from tests.support import (
+    Gateway,
+    Server,
+    Subscriber,
+    free_port,
+    nats_server,
+    redis_server,
+    wait_for_port,
+)
 
 READY_LINES = ("nats connected", "redis connected")
 

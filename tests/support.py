@@ -41,7 +41,10 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 
 
 def port_is_free(port: int) -> bool:
+    """True when a new server could listen on ``port`` (as servers do, with
+    SO_REUSEADDR, so connections left in TIME_WAIT do not count)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
