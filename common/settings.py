@@ -266,8 +266,7 @@ SETTINGS: tuple[Setting, ...] = (
         "path",
         "var/run",
         _path,
-        "Directory of the supervisord socket and pid file and the embedded "
-        "brokers' data.",
+        "Directory of the embedded brokers' data (the Redis append-only file).",
     ),
     Setting(
         "log_level",
@@ -441,5 +440,22 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+BEGIN_MARK = "<!-- settings:begin -->"
+END_MARK = "<!-- settings:end -->"
+
+
+def update_readme(path: str) -> None:
+    """Rewrite the table between the settings marks in ``path``."""
+    with open(path, encoding="utf-8") as readme:
+        text = readme.read()
+    head, _, rest = text.partition(BEGIN_MARK)
+    _, _, tail = rest.partition(END_MARK)
+    with open(path, "w", encoding="utf-8") as readme:
+        readme.write(f"{head}{BEGIN_MARK}\n{markdown_table()}\n{END_MARK}{tail}")
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    if sys.argv[1:2] == ["--update"]:
+        update_readme(sys.argv[2])
+    else:
+        print(markdown_table())

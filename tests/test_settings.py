@@ -1,0 +1,90 @@
+"""Settings: declared once, validated at startup, documented in the README."""
+
+import subprocess
+
+import pytest
+
+from common import settings
+from common.errors import ConfigError
+from tests.support import BIN, ROOT
+
+
+def test_readme_table_matches_the_declarations():
+    """The README's settings table is the one generated from SETTINGS."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(settings.BEGIN_MARK)[1].split(settings.END_MARK)[0]
+    assert block.strip() == settings.markdown_table()
+
+
+def test_defaults_load_and_embed_both_brokers():
+    """With nothing set, both brokers are embedded on their default ports."""
+    loaded = settings.load({})
+    assert loaded.embedded == frozenset({"nats", "redis"})
+    assert loaded.nats_urls == ("nats://127.0.0.1:4222",)
+    assert loaded.redis_url == "redis://127.0.0.1:6379/0"
+    assert loaded.http_bind == ("127.0.0.1", 8080)
+
+
+def test_cluster_url_list_is_split():
+    """A comma-separated FANOUT_NATS_URL is a list of servers, none embedded."""
+    loaded = settings.load({"FANOUT_NATS_URL": "nats://a:1, nats://b:2"})
+    assert loaded.nats_urls == ("nats://a:1", "nats://b:2")
+    assert "nats" not in loaded.embedded
+
+
+@pytest.mark.parametrize(
+    "env,error",
+    [
+        (
+            {"FANOUT_HTTP_WORKERS": "0"},
+            "FANOUT_HTTP_WORKERS='0': must be between 1 and 64",
+        ),
+        ({"FANOUT_HTTP_BIND": "8080"}, "FANOUT_HTTP_BIND='8080': must be HOST:PORT"),
+        (
+            {"FANOUT_NATS_URL": "http://x:1"},
+            "FANOUT_NATS_URL='http://x:1': http://x:1 does not start with nats:// "
+            "or tls://",
+        ),
+        (
+            {"FANOUT_PUBLISH_TIMEOUT": "soon"},
+            "FANOUT_PUBLISH_TIMEOUT='soon': not a number of seconds",
+        ),
+        ({"FANOUT_CONFIRM": "maybe"}, "FANOUT_CONFIRM='maybe': must be true or false"),
+        (
+            {"FANOUT_DEAD_LIST": "MESSAGES:log"},
+            "FANOUT_DEAD_LIST='MESSAGES:log': same Redis key as FANOUT_LOG_LIST; the "
+            "ingress list, the audit log and the dead-letter list must be different "
+            "lists, or the gateway would consume its own output",
+        ),
+    ],
+)
+def test_bad_value_names_variable_and_value(env, error):
+    """Each bad value is refused with the variable, the value and the rule."""
+    with pytest.raises(ConfigError) as caught:
+        settings.load(env)
+    assert str(caught.value) == error
+
+
+def test_password_in_a_bad_url_is_not_echoed():
+    """A refused URL is shown with its password masked."""
+    with pytest.raises(ConfigError) as caught:
+        settings.load({"FANOUT_REDIS_URL": "http://user:hunter2@db:6379"})
+    assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "program", ["fanout-http", "fanout-ws", "fanout-redis", "fanout-nats"]
+)
+def test_every_process_exits_78_on_a_bad_setting(program):
+    """Each process prints one line and exits 78, which is not respawned."""
+    result = subprocess.run(
+        [str(BIN / program)],
+        env={"PATH": "/usr/bin:/bin", "FANOUT_BATCH_SIZE": "-1"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == settings.EXIT_CONFIG
+    assert result.stderr == (
+        "fanout: bad setting FANOUT_BATCH_SIZE='-1': must be between 1 and 100000\n"
+    )
