@@ -347,6 +347,15 @@ SETTINGS: tuple[Setting, ...] = (
         "supervisord process name.",
     ),
     Setting(
+        "consumer_ttl",
+        "FANOUT_CONSUMER_TTL",
+        "seconds",
+        "15",
+        _seconds(1, 3600),
+        "A Redis consumer silent this long counts as dead; a live one then "
+        "takes over its unfinished items.",
+    ),
+    Setting(
         "shutdown_timeout",
         "FANOUT_SHUTDOWN_TIMEOUT",
         "seconds",

@@ -10,9 +10,28 @@ supervisord's ``stopwaitsecs`` (30 s).
 import math
 
 from gunicorn.app.base import BaseApplication
+from uvicorn_worker import UvicornWorker
 
 from common import logs
 from common import settings as settings_module
+
+
+class FanoutWorker(UvicornWorker):
+    """The uvicorn worker with uvloop, httptools and a bounded graceful stop.
+
+    On TERM a worker stops accepting, lets in-flight requests finish for at
+    most half of ``FANOUT_SHUTDOWN_TIMEOUT``, then spends at most the other
+    half committing what it holds; gunicorn's graceful timeout is 2 s more.
+    """
+
+    def __init__(self, *args, **kwargs):
+        settings = settings_module.load_or_exit()
+        self.CONFIG_KWARGS = {
+            "loop": "uvloop",
+            "http": "httptools",
+            "timeout_graceful_shutdown": settings.shutdown_timeout / 2,  # seconds
+        }
+        super().__init__(*args, **kwargs)
 
 
 class FanoutHttp(BaseApplication):
@@ -36,7 +55,7 @@ def gunicorn_options(settings) -> dict:
     return {
         "bind": [bind],
         "workers": settings.http_workers,
-        "worker_class": "uvicorn_worker.UvicornWorker",
+        "worker_class": FanoutWorker,
         "graceful_timeout": math.ceil(settings.shutdown_timeout) + 2,  # seconds
         "timeout": 30,  # seconds without a worker heartbeat
         "keepalive": 5,  # seconds an idle keep-alive connection is held

@@ -95,7 +95,7 @@ class Gateway:
     async def process_shutdown(self, scope, event) -> None:
         logger.info("http worker stopping")
         self.stopping.set()
-        await self.committer.close(self.settings.shutdown_timeout)
+        await self.committer.close(self.settings.shutdown_timeout / 2)
         for task in self._connect_tasks:
             task.cancel()
         await self.nats.close()

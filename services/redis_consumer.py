@@ -36,9 +36,6 @@ from common.settings import Settings
 logger = logging.getLogger("fanout.redis")
 
 MAX_BATCH = 5000  # items per take; Lua's unpack() has a stack limit near 8000
-HEARTBEAT_TTL = 15_000  # milliseconds a consumer counts as alive after a beat
-HEARTBEAT_EVERY = 5.0  # seconds
-TAKEOVER_EVERY = 10.0  # seconds between scans for dead consumers' lists
 
 # KEYS[1] ingress list, KEYS[2] processing list; ARGV[1] count, ARGV[2] id
 # prefix. What the processing list still holds comes first: it is a batch a
@@ -230,10 +227,14 @@ class RedisConsumer:
     async def _beat(self) -> None:
         while True:
             try:
-                await self.redis.set(self.heartbeat, os.getpid(), px=HEARTBEAT_TTL)
+                await self.redis.set(
+                    self.heartbeat,
+                    os.getpid(),
+                    px=int(self.settings.consumer_ttl * 1000),
+                )
             except (aioredis.RedisError, OSError):
                 pass  # the main loop reports Redis outages
-            await asyncio.sleep(HEARTBEAT_EVERY)
+            await asyncio.sleep(self.settings.consumer_ttl / 3)
 
     async def _take_over_dead(self) -> None:
         prefix = f"{self.settings.ingress_list}:processing:"
@@ -242,7 +243,7 @@ class RedisConsumer:
                 await self._scan_dead(prefix)
             except (aioredis.RedisError, OSError):
                 pass  # the main loop reports Redis outages
-            await asyncio.sleep(TAKEOVER_EVERY)
+            await asyncio.sleep(self.settings.consumer_ttl / 2)
 
     async def _scan_dead(self, prefix: str) -> None:
         async for key in self.redis.scan_iter(match=f"{prefix}*", count=100):
