@@ -45,6 +45,15 @@ def brokers(tmp_path):
 
 
 @pytest.fixture
+def spare_servers():
+    """Extra brokers a test starts itself; stopped at teardown."""
+    started: list[Server] = []
+    yield started
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
 def rdb(brokers):
     client = brokers.client()
     yield client

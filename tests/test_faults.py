@@ -1,0 +1,224 @@
+"""Broker outages under load: what was acknowledged arrives, the rest is refused.
+
+Each test runs bounded traffic (a few seconds, a few thousand messages at
+most) through real gateway processes while a real broker is frozen, stopped
+or killed, then compares what each producer was told with what a real NATS
+subscriber received.
+"""
+
+import asyncio
+import signal
+import time
+
+import nats
+import orjson
+import pytest
+
+from tests.support import Subscriber, free_port, nats_server, wait_until
+from tests.traffic import Traffic, keys_with_ids
+
+
+def assert_delivered(traffic: Traffic, seen: dict[str, set[str]]) -> None:
+    """Every acknowledged key arrived; duplicates only with one id."""
+    for ingress, acked in traffic.acked.items():
+        missing = sorted(acked - seen.keys())
+        assert not missing, f"{ingress}: {len(missing)} acknowledged, not delivered"
+    assert traffic.unexpected == []
+    for key, ids in seen.items():
+        assert len(ids) == 1, f"{key} arrived with different ids {ids}"
+
+
+def wait_delivered(sub: Subscriber, traffic: Traffic, timeout: float = 30.0):
+    wanted = set().union(*traffic.acked.values())
+    wait_until(
+        lambda: wanted <= keys_with_ids(sub.received("internal.load")).keys(),
+        timeout=timeout,
+        interval=0.2,
+    )
+    return keys_with_ids(sub.received("internal.load"))
+
+
+@pytest.fixture
+def three_ingresses(launch):
+    http = launch.start("fanout-http", FANOUT_PUBLISH_TIMEOUT="2")
+    ws = launch.start("fanout-ws", FANOUT_PUBLISH_TIMEOUT="2")
+    consumer = launch.start("fanout-redis", FANOUT_PUBLISH_TIMEOUT="2")
+    return http, ws, consumer
+
+
+def traffic_for(http, ws, brokers, seconds: float) -> Traffic:
+    return Traffic(
+        http_url=f"http://127.0.0.1:{http.port}/MESSAGES",
+        ws_url=f"ws://127.0.0.1:{ws.port}/MESSAGES",
+        redis_port=brokers.redis.port,
+        seconds=seconds,
+    )
+
+
+def test_frozen_nats_refuses_then_recovers(three_ingresses, brokers, subscriber, rdb):
+    """NATS unresponsive for 5 s: refusals meanwhile, nothing acknowledged lost."""
+    http, ws, _ = three_ingresses
+    traffic = traffic_for(http, ws, brokers, seconds=9).start()
+
+    time.sleep(1.5)
+    brokers.nats.proc.send_signal(signal.SIGSTOP)
+    time.sleep(5)
+    brokers.nats.proc.send_signal(signal.SIGCONT)
+    traffic.join()
+
+    seen = wait_delivered(subscriber, traffic)
+    assert_delivered(traffic, seen)
+    assert traffic.refused["http"], "no HTTP request was refused while NATS froze"
+    assert all("nats" in reason for _, reason in traffic.refused["http"])
+    assert traffic.acked["redis"] and traffic.acked["http"] and traffic.acked["ws"]
+    logged = {
+        orjson.loads(e)["message"]["k"] for e in rdb.lrange("MESSAGES:log", 0, -1)
+    }
+    assert traffic.acked["http"] | traffic.acked["ws"] <= logged
+
+
+def read_stream(url: str, stream: str) -> dict[str, set[str]]:
+    """Keys and ids of every message a JetStream stream captured."""
+
+    async def read():
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        seen: dict[str, set[str]] = {}
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await js.get_msg(stream, seq)
+            key = orjson.loads(msg.data)["k"]
+            seen.setdefault(key, set()).add(msg.headers["Nats-Msg-Id"])
+        await nc.close()
+        return seen
+
+    return asyncio.run(read())
+
+
+def add_capture_stream(url: str) -> None:
+    async def add():
+        nc = await nats.connect(url)
+        await nc.jetstream().add_stream(
+            name="CAPTURE", subjects=["internal.>"], duplicate_window=0.1
+        )
+        await nc.close()
+
+    asyncio.run(add())
+
+
+def test_nats_restart_refuses_then_reconnects(
+    launch, tmp_path, brokers, rdb, spare_servers
+):
+    """NATS stopped for 5 s and started again: every acknowledged message arrives.
+
+    A subscriber that reconnects after the server restarts can miss what the
+    gateway publishes first, so a JetStream stream inside the server records
+    what arrived there too; an acknowledged key must be in one of the two.
+    """
+    store = tmp_path / "js"
+    server = nats_server(tmp_path, free_port(), ["-js", "-sd", str(store)]).start()
+    spare_servers.append(server)
+    url = f"nats://127.0.0.1:{server.port}"
+    add_capture_stream(url)
+    env = {"FANOUT_NATS_URL": url, "FANOUT_PUBLISH_TIMEOUT": "2"}
+    http = launch.start("fanout-http", **env)
+    ws = launch.start("fanout-ws", **env)
+    launch.start("fanout-redis", **env)
+    sub = Subscriber(url, "internal.>").start()
+    try:
+        traffic = traffic_for(http, ws, brokers, seconds=10).start()
+        time.sleep(1.5)
+        server.stop()
+        time.sleep(5)
+        server.start()
+        traffic.join()
+
+        wait_delivered(sub, traffic, timeout=10)
+        live = keys_with_ids(sub.received("internal.load"))
+    finally:
+        sub.close()
+    captured = read_stream(url, "CAPTURE")
+    seen = {k: live.get(k, set()) | captured.get(k, set()) for k in live | captured}
+    assert_delivered(traffic, seen)
+    assert traffic.refused["http"] and traffic.refused["ws"]
+    assert "nats connected" in http.output() and "nats reconnected" in http.output()
+
+
+def test_redis_restart_refuses_then_recovers(three_ingresses, brokers, subscriber, rdb):
+    """Redis stopped for 3 s: 503s meanwhile, everything acknowledged delivered."""
+    http, ws, consumer = three_ingresses
+    traffic = traffic_for(http, ws, brokers, seconds=9).start()
+
+    time.sleep(1.5)
+    brokers.redis.stop()
+    time.sleep(3)
+    brokers.redis.start()
+    traffic.join()
+
+    seen = wait_delivered(subscriber, traffic)
+    assert_delivered(traffic, seen)
+    assert traffic.refused["http"], "no HTTP request was refused while Redis was down"
+    assert all("redis" in reason for _, reason in traffic.refused["http"])
+    logged = {
+        orjson.loads(e)["message"]["k"] for e in rdb.lrange("MESSAGES:log", 0, -1)
+    }
+    assert (
+        traffic.acked["http"] | traffic.acked["ws"] | traffic.acked["redis"] <= logged
+    )
+
+
+def cluster(tmp_path, spare_servers, size: int = 3):
+    """``size`` nats-servers on loopback, each routed to all the others."""
+    client_ports = [free_port() for _ in range(size)]
+    route_ports = [free_port() for _ in range(size)]
+    routes = ",".join(f"nats://127.0.0.1:{p}" for p in route_ports)
+    servers = []
+    for client_port, route_port in zip(client_ports, route_ports, strict=True):
+        extra = [
+            "--cluster_name", "fanout-test",
+            "--cluster", f"nats://127.0.0.1:{route_port}",
+            "--routes", routes,
+        ]  # fmt: skip
+        servers.append(nats_server(tmp_path, client_port, extra))
+        spare_servers.append(servers[-1].start())
+    return servers
+
+
+def connected_port(gateway) -> int:
+    for line in gateway.output().splitlines():
+        if "nats connected to nats://127.0.0.1:" in line:
+            return int(line.rsplit(":", 1)[1].split()[0])
+    raise AssertionError(f"no connection line in:\n{gateway.output()}")
+
+
+def test_cluster_node_loss_fails_over(launch, tmp_path, brokers, rdb, spare_servers):
+    """The node the gateway uses stops under load; traffic goes on elsewhere."""
+    servers = cluster(tmp_path, spare_servers)
+    urls = ",".join(f"nats://127.0.0.1:{s.port}" for s in servers)
+    env = {"FANOUT_NATS_URL": urls, "FANOUT_PUBLISH_TIMEOUT": "3"}
+    http = launch.start("fanout-http", **env)
+    ws = launch.start("fanout-ws", **env)
+    used = {connected_port(http), connected_port(ws)}
+    spare = next(s for s in servers if s.port not in used)
+    victim = next(s for s in servers if s.port == connected_port(http))
+    sub = Subscriber(f"nats://127.0.0.1:{spare.port}", "internal.>").start()
+    # Let the subscription's interest reach every node before traffic starts.
+    time.sleep(0.5)
+    try:
+        traffic = Traffic(
+            http_url=f"http://127.0.0.1:{http.port}/MESSAGES",
+            ws_url=f"ws://127.0.0.1:{ws.port}/MESSAGES",
+            seconds=7,
+        ).start()
+        time.sleep(2)
+        victim.stop()
+        traffic.join()
+        seen = wait_delivered(sub, traffic)
+    finally:
+        sub.close()
+
+    assert_delivered(traffic, seen)
+    assert "nats reconnected" in http.output()
+    # Traffic went on after the node was gone.
+    assert len(traffic.acked["http"]) > 50
+    assert wait_until(lambda: len(rdb.lrange("MESSAGES:log", 0, -1)) > 0)
