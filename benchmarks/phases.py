@@ -1,0 +1,382 @@
+"""The phases of a run: one load against one set of processes, measured.
+
+Every phase appends one row to ``Bench.rows``: what was sent, what the
+probe saw arrive, the rate and latency of the arrivals, errors, and the CPU
+seconds and peak RSS of every process involved (gateway, brokers, probe,
+generator), so a row shows which process ran out of CPU first.
+"""
+
+import json
+import math
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks.gateways import start_consumers, start_http, start_ws
+from benchmarks.servers import (
+    LOOPBACK,
+    Brokers,
+    Fleet,
+    HarnessError,
+    Monitor,
+    ProbeClient,
+    Proc,
+    base_env,
+    run_bounded,
+    run_together,
+)
+
+HERE = Path(__file__).resolve().parent
+HTTP_CONNS = 64  # wrk connections at maximum rate
+HTTP_PACED_CONNS = 16  # wrk connections at a fixed rate
+WS_CONNS, WS_WINDOW = 8, 100  # connections, frames in flight on each
+SOAK_SHARE = 0.1  # of each ingress's maximum, offered during the soak
+SOAK_MOST = 1000  # messages/s per ingress at most during the soak
+PACED_SPARE = 2  # seconds a paced wrk run lasts past its schedule
+SETTLE_QUIET = 3.0  # seconds without a new arrival that end a phase
+BACKLOG_KEY = "bench:backlog"
+QUEUED_NOTE = "latency includes the time a message waited queued behind the others"
+
+
+class Bench:
+    """What every phase shares: the plan, processes, brokers, probe, rows."""
+
+    def __init__(self, plan, fleet: Fleet, brokers: Brokers, probe: ProbeClient):
+        self.plan = plan
+        self.fleet = fleet
+        self.brokers = brokers
+        self.probe = probe
+        self.infra = {
+            "nats-server": brokers.nats,
+            "valkey": brokers.redis,
+            "probe": probe.proc,
+        }
+        self.rows: list[dict] = []
+        self.soak: dict | None = None
+
+    def row(self, name: str) -> dict:
+        for row in self.rows:
+            if row["name"] == name:
+                return row
+        raise KeyError(name)
+
+
+def _result(run: dict) -> dict:
+    """The JSON line a generator printed last, or why there is none."""
+    for line in reversed(run["output"].splitlines()):
+        if line.startswith("{"):
+            if run["returncode"] != 0:
+                break
+            result = json.loads(line)
+            result["generator_cpu_s"] = run["cpu_s"]
+            if "socket_errors" in result:  # wrk's summary
+                result["errors"] = (
+                    result["socket_errors"]
+                    + result["status_errors"]
+                    + result["timeouts"]
+                )
+                result["elapsed"] = result["duration_s"]
+            return result
+    raise HarnessError(
+        f"load generator exited with {run['returncode']}; see {run['log']}"
+    )
+
+
+def loads_command(
+    kind: str,
+    url: str,
+    topic: str,
+    count: int,
+    seconds: float,
+    rate: float = 0,
+    *extra: str,
+) -> list[str]:
+    return [
+        sys.executable, "-m", "benchmarks.loads", kind, url,
+        "--topic", topic, "--count", str(count), "--seconds", f"{seconds:g}",
+        "--rate", f"{rate:g}", *extra,
+    ]  # fmt: skip
+
+
+def wrk_job(port: int, topic: str, seconds: float, count: int, rate: float) -> tuple:
+    """wrk, one thread, POSTing envelopes; ``rate`` 0 means as fast as it can."""
+    env = base_env()
+    env.update(BENCH_TOPIC=topic, BENCH_COUNT=str(count), BENCH_RATE=f"{rate:g}")
+    conns = HTTP_PACED_CONNS if rate else HTTP_CONNS
+    # Paced, wrk idles once it has sent its count; the spare seconds let
+    # the answers in flight come back before -d ends it.
+    duration = math.ceil(seconds) + (PACED_SPARE if rate else 0)
+    command = [
+        shutil.which("wrk") or "wrk", "-t1", f"-c{conns}",
+        f"-d{duration}s", "--timeout", "10s",
+        "-s", str(HERE / "post.lua"), f"http://{LOOPBACK}:{port}/MESSAGES",
+    ]  # fmt: skip
+    return ("wrk", command, env)
+
+
+def _wrk(bench: Bench, job: tuple, seconds: float) -> dict:
+    return _result(run_together(bench.fleet, [job], seconds + 30)[0])
+
+
+def _python_load(bench: Bench, command: list[str], seconds: float) -> dict:
+    name = f"load-{command[3]}"  # the generator kind: ws, redis or nats
+    return _result(run_bounded(bench.fleet, name, command, seconds + 60))
+
+
+def _llen(bench: Bench, key: str) -> int:
+    return bench.brokers.client.llen(key)
+
+
+def measure(
+    bench: Bench,
+    row: dict,
+    gateway: dict[str, Proc],
+    load: Callable[[], dict],
+    settle_timeout: float = 60.0,
+) -> dict:
+    """Run ``load()``, wait for its messages at the probe, record the row."""
+    topic = row["topic"]
+    monitor = Monitor({**gateway, **bench.infra})
+    audit0, dead0 = _llen(bench, "MESSAGES:log"), _llen(bench, "MESSAGES:dead")
+    sent = load()
+    bench.probe.settle(topic, sent["sent"], settle_timeout, SETTLE_QUIET)
+    stats = bench.probe.stats(topic)
+    window = stats.get("last", 0) - stats.get("first", 0)
+    usage = monitor.finish(window if window > 0 else None)
+    row.update(
+        sent=sent["sent"],
+        answered=sent.get("answered"),
+        delivered=stats["count"],
+        lost=sent["sent"] - stats["count"],
+        errors=sent.get("errors", 0),
+        rate=_arrival_rate(stats),
+        latency_ms=stats["latency_ms"],
+        http_latency_ms=sent.get("http_latency_ms"),
+        audit_entries=_llen(bench, "MESSAGES:log") - audit0,
+        dead_lettered=_llen(bench, "MESSAGES:dead") - dead0,
+        processes=usage,
+        load_window_s=round(window, 3),
+        slow_consumer_errors=stats.get("slow_consumer_errors", 0),
+    )
+    _generator_figures(row, sent, monitor)
+    # The audit log is checked above; emptying it keeps valkey's memory flat.
+    bench.brokers.client.unlink("MESSAGES:log")
+    bench.rows.append(row)
+    _print_row(row)
+    if row["delivered"] == 0:
+        raise HarnessError(f"{row['name']}: no message arrived at the probe")
+    return row
+
+
+def _generator_figures(row: dict, sent: dict, monitor: Monitor) -> None:
+    """The generator's CPU share, and what the rest of the host used."""
+    cpu = sent.get("generator_cpu_s") or 0.0
+    row["generator"] = {
+        "cpu_s": cpu,
+        "cpu_share": round(cpu / sent["elapsed"], 3) if sent.get("elapsed") else None,
+        "elapsed_s": round(sent.get("elapsed") or 0.0, 3),
+    }
+    ours = cpu + sum(usage["cpu_s"] for usage in row["processes"].values())
+    # Other engineers' tests may share this machine; this shows how much.
+    row["host_cpu_s"] = monitor.host_cpu_s
+    row["other_cpu_s"] = round(max(0.0, monitor.host_cpu_s - ours), 3)
+
+
+def _arrival_rate(stats: dict) -> float:
+    """Messages a second between the first and the last arrival."""
+    span = stats.get("last", 0) - stats.get("first", 0)
+    if stats["count"] < 2 or span <= 0:
+        return 0.0
+    return round((stats["count"] - 1) / span, 1)
+
+
+def _print_row(row: dict) -> None:
+    latency = row.get("latency_ms") or {}
+    print(
+        f"  {row['name']:<28} {row['rate']:>10,.0f} msg/s"
+        f"  p99 {latency.get('p99') or 0:>8.2f} ms"
+        f"  sent {row['sent']:,} arrived {row.get('delivered', row['sent']):,}"
+        f"  errors {row['errors']}",
+        flush=True,
+    )
+
+
+def new_row(name: str, ingress: str, mode: str, processes: int, **extra) -> dict:
+    return {
+        "name": name,
+        "ingress": ingress,
+        "mode": mode,
+        "process_count": processes,
+        **extra,
+    }
+
+
+def measure_ceiling(
+    bench: Bench, row: dict, procs: dict[str, Proc], load: Callable[[], dict]
+) -> dict:
+    """A ceiling has no probe: its rate is what its generator got through."""
+    monitor = Monitor({**procs, **bench.infra})
+    sent = load()
+    usage = monitor.finish(sent["elapsed"])
+    row.update(
+        load_window_s=round(sent["elapsed"], 3),
+        sent=sent["sent"],
+        answered=sent["answered"],
+        errors=sent.get("errors", 0),
+        rate=round(sent["answered"] / sent["elapsed"], 1) if sent["elapsed"] else 0,
+        latency_ms=None,
+        http_latency_ms=sent.get("http_latency_ms"),
+        processes=usage,
+    )
+    _generator_figures(row, sent, monitor)
+    bench.rows.append(row)
+    _print_row(row)
+    if row["answered"] == 0:
+        raise HarnessError(f"{row['name']}: the ceiling answered nothing")
+    return row
+
+
+def ceilings(bench: Bench) -> None:
+    plan, fleet, brokers = bench.plan, bench.fleet, bench.brokers
+    for workers in (1, 2):
+        proc, port = start_http(fleet, brokers, workers, ceiling=True)
+        job = wrk_job(port, "ceiling.http", plan.seconds, plan.max_count, 0)
+        row = new_row(f"ceiling http w{workers}", "http", "ceiling", workers)
+        measure_ceiling(bench, row, {"ceiling": proc},
+                        lambda job=job: _wrk(bench, job, plan.seconds))  # fmt: skip
+        fleet.stop(proc)
+
+    proc, port = start_ws(fleet, brokers, ceiling=True)
+    command = loads_command(
+        "ws", f"ws://{LOOPBACK}:{port}/MESSAGES", "ceiling.ws", plan.max_count,
+        plan.seconds, 0, "--conns", str(WS_CONNS), "--window", str(WS_WINDOW),
+    )  # fmt: skip
+    row = new_row("ceiling ws", "ws", "ceiling", 1)
+    measure_ceiling(bench, row, {"ceiling": proc},
+                    lambda: _python_load(bench, command, plan.seconds))  # fmt: skip
+    fleet.stop(proc)
+
+    # The bare loops send one prebuilt message, to a subject nobody
+    # subscribes to and a list nobody consumes: the brokers' and the
+    # clients' cost alone.
+    command = loads_command(
+        "nats", brokers.nats_url, "ceiling.nats", plan.max_count, plan.seconds,
+        0, "--subject", "ceiling.nats", "--prebuilt",
+    )  # fmt: skip
+    row = new_row("ceiling nats-py publish", "nats", "ceiling", 1)
+    measure_ceiling(bench, row, {},
+                    lambda: _python_load(bench, command, plan.seconds))  # fmt: skip
+    command = loads_command(
+        "redis", brokers.redis_url, "ceiling.redis", plan.max_count, plan.seconds,
+        0, "--key", "bench:ceiling", "--prebuilt",
+    )  # fmt: skip
+    row = new_row("ceiling redis-py rpush", "redis", "ceiling", 1)
+    measure_ceiling(bench, row, {},
+                    lambda: _python_load(bench, command, plan.seconds))  # fmt: skip
+    brokers.client.unlink("bench:ceiling")
+
+
+def http_phase(bench: Bench, proc: Proc, port: int, workers: int, rate: float):
+    plan = bench.plan
+    mode = "half" if rate else "max"
+    topic = f"bench.http.{mode}.w{workers}"
+    count = int(rate * plan.seconds) if rate else plan.max_count
+    job = wrk_job(port, topic, plan.seconds, count, rate)
+    row = new_row(f"http {mode} w{workers}", "http", mode, workers, topic=topic,
+                  offered_rate=rate or None)  # fmt: skip
+    return measure(bench, row, {"fanout-http": proc},
+                   lambda: _wrk(bench, job, plan.seconds))  # fmt: skip
+
+
+def http_rows(bench: Bench) -> None:
+    for workers in (1, 2):
+        proc, port = start_http(bench.fleet, bench.brokers, workers)
+        top = http_phase(bench, proc, port, workers, 0)
+        if workers == 1:
+            http_phase(bench, proc, port, workers, round(top["rate"] / 2))
+        bench.fleet.stop(proc)
+
+
+def ws_command(port: int, topic: str, count: int, seconds: float, rate: float):
+    conns = WS_CONNS if not rate else WS_CONNS // 2
+    return loads_command(
+        "ws", f"ws://{LOOPBACK}:{port}/MESSAGES", topic, count, seconds, rate,
+        "--conns", str(conns), "--window", str(WS_WINDOW),
+    )  # fmt: skip
+
+
+def ws_phase(bench: Bench, proc: Proc, port: int, rate: float) -> dict:
+    plan = bench.plan
+    mode = "half" if rate else "max"
+    topic = f"bench.ws.{mode}"
+    count = int(rate * plan.seconds) if rate else plan.max_count
+    command = ws_command(port, topic, count, plan.seconds, rate)
+    row = new_row(f"ws {mode}", "ws", mode, 1, topic=topic, offered_rate=rate or None)
+    return measure(bench, row, {"fanout-ws": proc},
+                   lambda: _python_load(bench, command, plan.seconds))  # fmt: skip
+
+
+def ws_rows(bench: Bench) -> None:
+    proc, port = start_ws(bench.fleet, bench.brokers)
+    top = ws_phase(bench, proc, port, 0)
+    ws_phase(bench, proc, port, round(top["rate"] / 2))
+    bench.fleet.stop(proc)
+
+
+def backlog_phase(bench: Bench, procs: dict[str, Proc]) -> dict:
+    """Fill a list aside, then hand it to the consumers whole with RENAME."""
+    plan, brokers = bench.plan, bench.brokers
+    topic = f"bench.redis.backlog.c{len(procs)}"
+    brokers.client.unlink(BACKLOG_KEY)
+    command = loads_command(
+        "redis", brokers.redis_url, topic, plan.backlog, plan.seconds * 10, 0,
+        "--key", BACKLOG_KEY,
+    )  # fmt: skip
+    fill = _python_load(bench, command, plan.seconds * 10)
+
+    def hand_over() -> dict:
+        brokers.client.rename(BACKLOG_KEY, "MESSAGES")
+        return fill
+
+    row = new_row(f"redis backlog c{len(procs)}", "redis", "backlog", len(procs),
+                  topic=topic, fill_rate=round(fill["sent"] / fill["elapsed"], 1),
+                  latency_note=QUEUED_NOTE)  # fmt: skip
+    return measure(bench, row, procs, hand_over, settle_timeout=120)
+
+
+def burst_phase(bench: Bench, procs: dict[str, Proc]) -> dict:
+    """Publish a burst as fast as nats-py can; the rate is how fast it drains."""
+    plan = bench.plan
+    topic = f"bench.nats.burst.c{len(procs)}"
+    command = loads_command(
+        "nats", bench.brokers.nats_url, topic, plan.backlog, plan.seconds * 10, 0,
+    )  # fmt: skip
+    row = new_row(f"nats burst c{len(procs)}", "nats", "burst", len(procs),
+                  topic=topic,
+                  latency_note=QUEUED_NOTE)  # fmt: skip
+    return measure(bench, row, procs,
+                   lambda: _python_load(bench, command, plan.seconds * 10),
+                   settle_timeout=120)  # fmt: skip
+
+
+def steady_phase(bench: Bench, kind: str, procs: dict[str, Proc], rate: float):
+    plan = bench.plan
+    topic = f"bench.{kind}.half.c{len(procs)}"
+    url = bench.brokers.redis_url if kind == "redis" else bench.brokers.nats_url
+    command = loads_command(kind, url, topic, int(rate * plan.seconds),
+                            plan.seconds, rate)  # fmt: skip
+    row = new_row(f"{kind} half c{len(procs)}", kind, "half", len(procs),
+                  topic=topic, offered_rate=rate)  # fmt: skip
+    return measure(bench, row, procs,
+                   lambda: _python_load(bench, command, plan.seconds))  # fmt: skip
+
+
+def consumer_rows(bench: Bench, kind: str) -> None:
+    for count in (1, 2):
+        procs = start_consumers(bench.fleet, bench.brokers, kind, count)
+        drain = backlog_phase if kind == "redis" else burst_phase
+        top = drain(bench, procs)
+        if count == 1:
+            steady_phase(bench, kind, procs, round(top["rate"] / 2))
+        bench.fleet.stop(*procs.values())

@@ -1,0 +1,151 @@
+"""The load benchmark: ``python -m benchmarks.run [--quick] [--soak-seconds N]``.
+
+One run starts its own nats-server and valkey on free loopback ports, then
+measures, one after the other:
+
+* the ceilings: a do-nothing Falcon app under the same gunicorn options, a
+  websockets server that only parses and answers, a bare nats-py publish
+  loop and a bare pipelined RPUSH loop;
+* each ingress at its maximum rate, with 1 and 2 processes where the
+  gateway scales by processes, and at half that maximum for latency;
+* with ``--soak-seconds`` above 0 (the full run's default is 600), all four
+  ingresses together at a moderate rate: RSS at start and end, and whether
+  every message sent arrived.
+
+Throughput and latency are what a separate subscriber process (the probe)
+saw arrive, not what was sent. Figures below their targets are printed,
+never treated as failure: the exit status is non-zero only when the
+harness itself broke (a process did not start, nothing arrived).
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks import phases, report, soak
+from benchmarks.servers import ROOT, Brokers, Fleet, HarnessError, ProbeClient
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WRK_MISSING = (
+    "wrk is not installed; it drives the HTTP load. Install it with\n"
+    "  sudo apt-get update && sudo apt-get install -y wrk\n"
+    "or run benchmarks/setup.sh."
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how much each phase loads the gateway."""
+
+    mode: str
+    seconds: float  # each maximum-rate and half-rate phase
+    backlog: int  # messages in the Redis backlog and in the NATS burst
+    max_count: int  # the count bound of a phase bounded by time
+    soak_seconds: float
+
+
+QUICK = Plan("quick", seconds=3, backlog=30_000, max_count=1_000_000, soak_seconds=0)
+FULL = Plan("full", seconds=15, backlog=150_000, max_count=5_000_000, soak_seconds=600)
+
+
+def parse_args(argv: list[str]) -> Plan:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run")
+    parser.add_argument(
+        "--quick", action="store_true", help="short phases, no soak (CI smoke test)"
+    )
+    parser.add_argument(
+        "--soak-seconds",
+        type=float,
+        default=None,
+        help="length of the soak phase; 0 skips it (default: 600, --quick: 0)",
+    )
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.soak_seconds is not None:
+        if args.soak_seconds < 0:
+            parser.error("--soak-seconds must be 0 or more")
+        plan = Plan(**{**asdict(plan), "soak_seconds": args.soak_seconds})
+    return plan
+
+
+def measure_all(bench: phases.Bench) -> None:
+    """Every phase, in an order where each one's inputs are measured first."""
+    print("ceilings")
+    phases.ceilings(bench)
+    print("http ingress")
+    phases.http_rows(bench)
+    print("ws ingress")
+    phases.ws_rows(bench)
+    print("redis ingress")
+    phases.consumer_rows(bench, "redis")
+    print("nats ingress")
+    phases.consumer_rows(bench, "nats")
+    if bench.plan.soak_seconds > 0:
+        print(f"soak: {bench.plan.soak_seconds:.0f} s, all four ingresses")
+        soak.soak(bench)
+
+
+def run(plan: Plan, work_dir: Path) -> dict:
+    started = time.monotonic()
+    host = report.machine()  # its load average is the one at the start
+    fleet = Fleet(work_dir)
+    try:
+        brokers = Brokers(fleet, work_dir / "data")
+        probe = ProbeClient(fleet, brokers.nats_url)
+        bench = phases.Bench(plan, fleet, brokers, probe)
+        measure_all(bench)
+    finally:
+        fleet.stop_all()
+    return {
+        "mode": plan.mode,
+        "plan": asdict(plan),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "runtime_s": round(time.monotonic() - started, 1),
+        "machine": host,
+        "load_average_at_end": os.getloadavg(),
+        "commit": report.source_commit(ROOT),
+        "rows": bench.rows,
+        "soak": bench.soak,
+    }
+
+
+def _interrupted(signum, frame):
+    # The harness is a plain loop, not a server: unwinding through the
+    # finally blocks is what stops every process it started.
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    plan = parse_args(sys.argv[1:] if argv is None else argv)
+    if shutil.which("wrk") is None:
+        print(WRK_MISSING, file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _interrupted)
+    work_dir = Path(tempfile.mkdtemp(prefix="fanout-bench-"))
+    print(f"logs in {work_dir}")
+    try:
+        results = run(plan, work_dir)
+    except HarnessError as exc:
+        print(f"benchmark harness failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; every process started was stopped", file=sys.stderr)
+        return 130
+    results["targets"] = report.targets(results["rows"])
+    report.print_all(results)
+    RESULTS.mkdir(exist_ok=True)
+    report.write_json(results, RESULTS / "latest.json")
+    report.write_chart(results, RESULTS / "latest.png")
+    print(f"wrote {RESULTS / 'latest.json'} and {RESULTS / 'latest.png'}")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
