@@ -192,12 +192,16 @@ def _arrival_rate(stats: dict) -> float:
 
 
 def _print_row(row: dict) -> None:
-    latency = row.get("latency_ms") or {}
+    """One progress line; a ceiling has no arrivals, only answers."""
+    p99 = (row.get("latency_ms") or {}).get("p99")
+    arrived = row.get("delivered")
+    counted = (
+        f"answered {row['answered']:,}" if arrived is None else f"arrived {arrived:,}"
+    )
     print(
         f"  {row['name']:<28} {row['rate']:>10,.0f} msg/s"
-        f"  p99 {latency.get('p99') or 0:>8.2f} ms"
-        f"  sent {row['sent']:,} arrived {row.get('delivered', row['sent']):,}"
-        f"  errors {row['errors']}",
+        f"  p99 {'-' if p99 is None else f'{p99:.2f} ms':>9}"
+        f"  sent {row['sent']:,} {counted}  errors {row['errors']}",
         flush=True,
     )
 
