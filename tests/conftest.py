@@ -1,12 +1,17 @@
 """Fixtures: real nats-server and valkey per test, real gateway processes."""
 
 import os
+import shutil
+import signal
+import subprocess
 from dataclasses import dataclass
 
 import pytest
 import redis
 
 from tests.support import (
+    BIN,
+    ROOT,
     Gateway,
     Server,
     Subscriber,
@@ -137,3 +142,37 @@ def launch(brokers, tmp_path):
     launcher = Launcher(brokers, tmp_path)
     yield launcher
     launcher.stop_all()
+
+
+@pytest.fixture
+def stack(tmp_path):
+    """``fanout run`` in embedded mode, every port a free one."""
+    conf = tmp_path / "supervisord.conf"
+    shutil.copy(ROOT / "supervisord.conf", conf)
+    ports = {name: free_port() for name in ("nats", "redis", "http", "ws")}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "FANOUT_SUPERVISORD_CONF": str(conf),
+        "FANOUT_EMBEDDED_NATS_PORT": str(ports["nats"]),
+        "FANOUT_EMBEDDED_REDIS_PORT": str(ports["redis"]),
+        "FANOUT_HTTP_BIND": f"127.0.0.1:{ports['http']}",
+        "FANOUT_WS_BIND": f"127.0.0.1:{ports['ws']}",
+        "FANOUT_HTTP_WORKERS": "1",
+        "FANOUT_LOG_DIR": str(tmp_path / "log"),
+        "FANOUT_RUN_DIR": str(tmp_path / "run"),
+    }
+    with open(tmp_path / "fanout-run.out", "wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "fanout"), "run"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    for port in ports.values():
+        wait_for_port(port, timeout=30)
+    yield proc, env, ports, tmp_path
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(40)

@@ -193,7 +193,7 @@ class Subscriber:
         with self._lock:
             return [m for m in self.messages if m.subject.startswith(subject_prefix)]
 
-    def wait_for(self, count: int, subject_prefix: str = "", timeout: float = 15.0):
+    def wait_for(self, count: int, subject_prefix: str = "", timeout: float = 30.0):
         got = wait_until(
             lambda: len(self.received(subject_prefix)) >= count, timeout=timeout
         )

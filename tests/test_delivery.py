@@ -1,0 +1,116 @@
+"""Delivery promises of the Redis consumer and the shared Redis pool."""
+
+import concurrent.futures
+import json
+import signal
+import time
+
+import orjson
+import requests
+
+from tests.support import wait_until
+
+
+def items(count: int, topic: str = "internal.batch") -> list[bytes]:
+    return [orjson.dumps({"topic": topic, "n": n}) for n in range(count)]
+
+
+def numbers_with_ids(messages) -> dict[int, set[str]]:
+    seen: dict[int, set[str]] = {}
+    for msg in messages:
+        n = orjson.loads(msg.data)["n"]
+        seen.setdefault(n, set()).add(msg.headers["Nats-Msg-Id"])
+    return seen
+
+
+def test_killed_consumer_redelivers_its_batch_on_restart(
+    launch, brokers, subscriber, rdb
+):
+    """kill -9 while holding 1,000 items; started again, all 1,000 arrive."""
+    env = {"FANOUT_CONSUMER_NAME": "c1", "FANOUT_BATCH_SIZE": "1000"}
+    consumer = launch.start("fanout-redis", **env)
+
+    # Freeze NATS so the batch is taken but cannot be confirmed.
+    brokers.nats.proc.send_signal(signal.SIGSTOP)
+    rdb.rpush("MESSAGES", *items(1000))
+    assert wait_until(lambda: rdb.llen("MESSAGES:processing:c1") == 1000)
+    consumer.signal(signal.SIGKILL)
+    consumer.proc.wait(5)
+    brokers.nats.proc.send_signal(signal.SIGCONT)
+
+    restarted = launch.start("fanout-redis", **env)
+    subscriber.wait_for(1000, "internal.batch", timeout=30)
+    seen = numbers_with_ids(subscriber.received("internal.batch"))
+    assert sorted(seen) == list(range(1000))
+    # A redelivered item keeps its id, so a subscriber can drop the copy.
+    assert all(len(ids) == 1 for ids in seen.values())
+    assert wait_until(lambda: rdb.llen("MESSAGES:processing:c1") == 0)
+    assert rdb.llen("MESSAGES:log") == 1000
+    assert restarted.proc.poll() is None
+
+
+def test_dead_consumer_list_is_taken_over(launch, brokers, subscriber, rdb):
+    """A consumer that never comes back has its items delivered by another."""
+    short = {"FANOUT_CONSUMER_TTL": "2"}
+    doomed = launch.start("fanout-redis", FANOUT_CONSUMER_NAME="doomed", **short)
+    brokers.nats.proc.send_signal(signal.SIGSTOP)
+    rdb.rpush("MESSAGES", *items(300))
+    assert wait_until(lambda: rdb.llen("MESSAGES:processing:doomed") == 300)
+    doomed.signal(signal.SIGKILL)
+    doomed.proc.wait(5)
+    brokers.nats.proc.send_signal(signal.SIGCONT)
+
+    heir = launch.start("fanout-redis", FANOUT_CONSUMER_NAME="heir", **short)
+    subscriber.wait_for(300, "internal.batch", timeout=30)
+    assert sorted(numbers_with_ids(subscriber.received("internal.batch"))) == list(
+        range(300)
+    )
+    assert wait_until(lambda: not rdb.exists("MESSAGES:processing:doomed"))
+    heir.wait_for_log("took over 300 unfinished items from consumer doomed")
+
+
+def test_two_consumers_share_a_list_without_duplicates(launch, subscriber, rdb):
+    """Two consumers on one list: 2,000 items, each delivered exactly once."""
+    launch.start("fanout-redis", FANOUT_CONSUMER_NAME="a", FANOUT_BATCH_SIZE="50")
+    launch.start("fanout-redis", FANOUT_CONSUMER_NAME="b", FANOUT_BATCH_SIZE="50")
+    for chunk in range(20):
+        rdb.rpush("MESSAGES", *items(2000)[chunk * 100 : (chunk + 1) * 100])
+        time.sleep(0.01)
+
+    messages = subscriber.wait_for(2000, "internal.batch", timeout=30)
+    time.sleep(0.5)
+    messages = subscriber.received("internal.batch")
+    assert sorted(orjson.loads(m.data)["n"] for m in messages) == list(range(2000))
+    assert rdb.llen("MESSAGES:log") == 2000
+
+
+def test_idle_consumer_stays_quiet_and_wakes_at_once(launch, subscriber, rdb):
+    """60 s idle with a 1 s block timeout: no warnings, then prompt delivery."""
+    consumer = launch.start("fanout-redis", FANOUT_REDIS_BLOCK_TIMEOUT="1")
+    before = consumer.output()
+    time.sleep(60)
+
+    started = time.monotonic()
+    rdb.rpush("MESSAGES", json.dumps({"topic": "internal.wake"}))
+    subscriber.wait_for(1, "internal.wake", timeout=5)
+    assert time.monotonic() - started < 1.0
+    idle_lines = consumer.output()[len(before) :]
+    assert "WARNING" not in idle_lines and "ERROR" not in idle_lines
+
+
+def test_burst_waits_for_a_small_redis_pool(launch, subscriber, rdb):
+    """200 concurrent requests with 2 Redis connections: all 202, none lost."""
+    http = launch.start("fanout-http", FANOUT_REDIS_POOL_SIZE="2")
+    url = f"http://127.0.0.1:{http.port}/MESSAGES"
+
+    def post(n: int) -> int:
+        body = {"message": {"topic": "internal.burst", "n": n}}
+        return requests.post(url, json=body, timeout=30).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=200) as pool:
+        statuses = list(pool.map(post, range(200)))
+
+    assert statuses == [202] * 200
+    messages = subscriber.wait_for(200, "internal.burst")
+    assert sorted(orjson.loads(m.data)["n"] for m in messages) == list(range(200))
+    assert rdb.llen("MESSAGES:log") == 200

@@ -1,0 +1,173 @@
+"""Graceful shutdown: finish what was taken, answer it, flush, exit 0."""
+
+import asyncio
+import concurrent.futures
+import json
+import signal
+import subprocess
+import threading
+import time
+
+import nats
+import orjson
+import requests
+import websocket
+
+from tests.support import BIN, Subscriber, port_is_free, wait_until
+
+
+def ws_burst(url: str, count: int, result: dict) -> None:
+    """Send ``count`` frames at once, then read answers until the close."""
+    client = websocket.WebSocket()
+    client.connect(url, timeout=30)
+    for n in range(count):
+        client.send(json.dumps({"topic": "internal.stop", "k": f"w{n}"}))
+    answers = []
+    try:
+        while len(answers) < count:
+            opcode, data = client.recv_data()
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                result["close_code"] = int.from_bytes(data[:2], "big")
+                break
+            answers.append(json.loads(data))
+    except (OSError, websocket.WebSocketException) as exc:
+        result["error"] = repr(exc)
+    result["answers"] = answers
+    client.close()
+
+
+def http_post(url: str, n: int):
+    body = {"message": {"topic": "internal.stop", "k": f"h{n}"}}
+    try:
+        response = requests.post(url, json=body, timeout=30)
+    except requests.RequestException:
+        return n, None
+    return n, response.status_code
+
+
+def test_supervisorctl_stop_under_load_loses_nothing_answered(stack):
+    """stop all during 100 frames and 50 posts: every accepted one arrives."""
+    proc, env, ports, _ = stack
+    sub = Subscriber(f"nats://127.0.0.1:{ports['nats']}", "internal.>").start()
+    http = f"http://127.0.0.1:{ports['http']}/MESSAGES"
+    assert wait_until(lambda: http_post(http, -1)[1] == 202, timeout=20)
+    ws_result: dict = {}
+    ws_thread = threading.Thread(
+        target=ws_burst,
+        args=(f"ws://127.0.0.1:{ports['ws']}/MESSAGES", 100, ws_result),
+    )
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=10) as pool:
+            posts = [pool.submit(http_post, http, n) for n in range(50)]
+            ws_thread.start()
+            time.sleep(0.05)
+            subprocess.run(
+                [str(BIN / "fanout"), "ctl", "stop", "all"],
+                env=env,
+                capture_output=True,
+                timeout=60,
+            )
+            statuses = dict(p.result() for p in posts)
+        ws_thread.join(30)
+        delivered = {orjson.loads(m.data)["k"] for m in sub.received("internal.stop")}
+    finally:
+        sub.close()
+
+    accepted_http = {f"h{n}" for n, status in statuses.items() if status == 202}
+    accepted_ws = {
+        f"w{i}" for i, a in enumerate(ws_result["answers"]) if a["status"] == "accepted"
+    }
+    assert accepted_http <= delivered
+    assert accepted_ws <= delivered
+    # Whatever was not answered was refused in a way the sender can see.
+    assert set(statuses.values()) <= {202, 503, None}
+    if len(ws_result["answers"]) < 100:
+        assert ws_result.get("close_code") == 1001 or "error" in ws_result
+    for port in ports.values():
+        assert wait_until(lambda port=port: port_is_free(port), timeout=10)
+
+
+def test_ws_answers_read_frames_then_closes_1001(launch):
+    """On TERM the WebSocket ingress answers what it read, then closes 1001."""
+    ws = launch.start("fanout-ws")
+    client = websocket.WebSocket()
+    client.connect(f"ws://127.0.0.1:{ws.port}/MESSAGES", timeout=10)
+    for n in range(20):
+        client.send(json.dumps({"topic": "internal.stop", "n": n}))
+    first = json.loads(client.recv())
+
+    ws.signal(signal.SIGTERM)
+    answers = [first]
+    close_code = None
+    while True:
+        opcode, data = client.recv_data()
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            close_code = int.from_bytes(data[:2], "big")
+            break
+        answers.append(json.loads(data))
+    client.close()
+
+    assert close_code == 1001
+    assert [a["status"] for a in answers] == ["accepted"] * 20
+    assert ws.proc.wait(15) == 0
+    assert "ws stopped" in ws.output()
+
+
+def test_http_answers_in_flight_then_exits_0(launch, brokers, subscriber):
+    """On TERM, requests already waiting on a frozen NATS get their real status."""
+    http = launch.start("fanout-http", FANOUT_PUBLISH_TIMEOUT="3")
+    url = f"http://127.0.0.1:{http.port}/MESSAGES"
+    brokers.nats.proc.send_signal(signal.SIGSTOP)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=5) as pool:
+        posts = [pool.submit(http_post, url, n) for n in range(5)]
+        time.sleep(0.5)
+        http.signal(signal.SIGTERM)
+        time.sleep(0.5)
+        brokers.nats.proc.send_signal(signal.SIGCONT)
+        statuses = [p.result()[1] for p in posts]
+
+    assert statuses == [202] * 5
+    assert len(subscriber.wait_for(5, "internal.stop")) == 5
+    assert http.proc.wait(20) == 0
+
+
+def test_redis_consumer_gives_back_what_it_could_not_finish(launch, brokers, rdb):
+    """Stopped while NATS is frozen, the consumer puts its batch back in order."""
+    consumer = launch.start("fanout-redis", FANOUT_CONSUMER_NAME="g")
+    brokers.nats.proc.send_signal(signal.SIGSTOP)
+    batch = [orjson.dumps({"topic": "internal.back", "n": n}) for n in range(50)]
+    rdb.rpush("MESSAGES", *batch)
+    assert wait_until(lambda: rdb.llen("MESSAGES:processing:g") == 50)
+
+    consumer.signal(signal.SIGTERM)
+    assert consumer.proc.wait(20) == 0
+    brokers.nats.proc.send_signal(signal.SIGCONT)
+
+    assert rdb.lrange("MESSAGES", 0, -1) == batch
+    assert not rdb.exists("MESSAGES:processing:g")
+    assert "gave 50 unfinished items back to the list" in consumer.output()
+
+
+def test_nats_consumer_delivers_what_it_received_before_exit(
+    launch, brokers, subscriber
+):
+    """TERM right after a burst: every message it received is delivered."""
+    consumer = launch.start("fanout-nats")
+
+    async def burst():
+        nc = await nats.connect(brokers.nats_url)
+        for n in range(2000):
+            await nc.publish("MESSAGES", orjson.dumps({"topic": "internal.nb", "n": n}))
+        await nc.flush()
+        await nc.close()
+
+    asyncio.run(burst())
+    consumer.signal(signal.SIGTERM)
+    assert consumer.proc.wait(20) == 0
+
+    line = next(
+        x for x in consumer.output().splitlines() if "nats consumer stopped" in x
+    )
+    delivered = int(line.split("stopped: ")[1].split()[0])
+    assert delivered == 2000
+    assert len(subscriber.wait_for(2000, "internal.nb")) == 2000
