@@ -173,7 +173,9 @@ class Parser:
                 f"message is {size} bytes; the limit is {self.max_bytes} bytes"
             )
 
-    def envelope(self, body: bytes, token_patterns: tuple[Pattern, ...] = ()) -> Message:
+    def envelope(
+        self, body: bytes, token_patterns: tuple[Pattern, ...] = ()
+    ) -> Message:
         """An HTTP body: ``{"message": <JSON text or object>, "id": ...}``.
 
         ``token_patterns`` are the topic patterns of the client's token.

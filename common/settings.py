@@ -460,8 +460,7 @@ SETTINGS: tuple[Setting, ...] = (
         "seconds",
         "300",
         _seconds(0.5, 86400),
-        "A WebSocket connection that sends no message for this long is closed "
-        "(1001).",
+        "A WebSocket connection that sends no message for this long is closed (1001).",
     ),
     Setting(
         "ws_compression",

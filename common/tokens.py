@@ -3,9 +3,9 @@
 A token is declared as one entry ``NAME VALUE [PATTERNS]``: a name for the
 log (the value never appears there), the secret value, and optionally the
 comma-separated topic patterns this token may publish to. Entries come from
-the file ``FANOUT_TOKENS_FILE`` (one a line; a line starting with ``#`` is a comment) and
-from ``FANOUT_TOKENS`` (entries separated by ``;``), never from the command
-line, where any user of the host could read them.
+the file ``FANOUT_TOKENS_FILE`` (one a line; a line starting with ``#`` is
+a comment) and from ``FANOUT_TOKENS`` (entries separated by ``;``), never
+from the command line, where any user of the host could read them.
 
 Only a SHA-256 digest of each value is kept; a presented value is hashed
 and compared with every digest in constant time, so neither the answer's
