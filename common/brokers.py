@@ -51,6 +51,7 @@ class NatsLink:
         self.nc = NatsClient()
         self.connected = asyncio.Event()
         self._servers = ", ".join(redact_url(u) for u in settings.nats_urls)
+        self._auth_refused = False
 
     async def connect(self, stopping: asyncio.Event) -> bool:
         """Connect, retrying with backoff; False if ``stopping`` was set first."""
@@ -109,7 +110,16 @@ class NatsLink:
         self.logger.info("nats reconnected to %s", self._current())
 
     async def _error(self, exc: Exception) -> None:
-        self.logger.debug("nats client error: %r", exc)
+        # nats-py keeps retrying a refused login on its own; say so once, an
+        # operator must fix the credentials. The server's text is left out.
+        if isinstance(exc, nats.errors.AuthorizationError):
+            if not self._auth_refused:
+                self._auth_refused = True
+                self.logger.error(
+                    "nats at %s refused the gateway's credentials", self._servers
+                )
+            return
+        self.logger.debug("nats client error: %s", exc.__class__.__name__)
 
     async def _closed(self) -> None:
         self.connected.clear()

@@ -49,7 +49,8 @@ class GuardedHttpTools(HttpToolsProtocol):
         # While the header timer runs, the bytes arriving are a request's
         # head; past the cap the request is answered 431 and not parsed.
         if self._header_timer is not None:
-            self._head_bytes += len(data)
+            end = data.find(b"\r\n\r\n")
+            self._head_bytes += len(data) if end < 0 else end
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._disarm_header_timer()
                 self._refuse(b"431 Request Header Fields Too Large")
