@@ -9,7 +9,9 @@ and an event that says whether NATS is usable right now.
 import asyncio
 import logging
 import random
+import ssl
 from collections.abc import Sequence
+from typing import Any
 
 import nats
 import nats.errors
@@ -49,6 +51,7 @@ class NatsLink:
         self.nc = NatsClient()
         self.connected = asyncio.Event()
         self._servers = ", ".join(redact_url(u) for u in settings.nats_urls)
+        self._auth_refused = False
 
     async def connect(self, stopping: asyncio.Event) -> bool:
         """Connect, retrying with backoff; False if ``stopping`` was set first."""
@@ -70,8 +73,11 @@ class NatsLink:
                     reconnected_cb=self._reconnected,
                     error_cb=self._error,
                     closed_cb=self._closed,
+                    **nats_credentials(self.settings),
                 )
-            except (TimeoutError, OSError, nats.errors.Error) as exc:
+            except (TimeoutError, OSError, ssl.SSLError, nats.errors.Error) as exc:
+                # Only the class name is logged: a server's error text may
+                # quote what the client sent.
                 delay = next(delays)
                 self.logger.warning(
                     "nats unreachable at %s (%s); retrying in %.1f s",
@@ -104,7 +110,16 @@ class NatsLink:
         self.logger.info("nats reconnected to %s", self._current())
 
     async def _error(self, exc: Exception) -> None:
-        self.logger.debug("nats client error: %r", exc)
+        # nats-py keeps retrying a refused login on its own; say so once, an
+        # operator must fix the credentials. The server's text is left out.
+        if isinstance(exc, nats.errors.AuthorizationError):
+            if not self._auth_refused:
+                self._auth_refused = True
+                self.logger.error(
+                    "nats at %s refused the gateway's credentials", self._servers
+                )
+            return
+        self.logger.debug("nats client error: %s", exc.__class__.__name__)
 
     async def _closed(self) -> None:
         self.connected.clear()
@@ -142,6 +157,42 @@ class NatsLink:
             await self.nc.close()
 
 
+def nats_credentials(settings: Settings) -> dict[str, Any]:
+    """The nats-py ``connect()`` arguments for authentication and TLS."""
+    options: dict[str, Any] = {}
+    if settings.nats_user:
+        options["user"] = settings.nats_user
+        options["password"] = settings.nats_password
+    if settings.nats_token:
+        options["token"] = settings.nats_token
+    if settings.nats_nkey_seed_file:
+        options["nkeys_seed"] = settings.nats_nkey_seed_file
+    if settings.nats_creds_file:
+        options["user_credentials"] = settings.nats_creds_file
+    if settings.nats_tls_ca or settings.nats_tls_cert:
+        context = ssl.create_default_context(cafile=settings.nats_tls_ca or None)
+        if settings.nats_tls_cert:
+            context.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key)
+        options["tls"] = context
+    return options
+
+
+def redis_credentials(settings: Settings) -> dict[str, Any]:
+    """The redis-py arguments for authentication and TLS (``rediss://``)."""
+    options: dict[str, Any] = {}
+    if settings.redis_username:
+        options["username"] = settings.redis_username
+    if settings.redis_password:
+        options["password"] = settings.redis_password
+    if settings.redis_url.startswith("rediss://"):
+        if settings.redis_tls_ca:
+            options["ssl_ca_certs"] = settings.redis_tls_ca
+        if settings.redis_tls_cert:
+            options["ssl_certfile"] = settings.redis_tls_cert
+            options["ssl_keyfile"] = settings.redis_tls_key
+    return options
+
+
 def redis_client(settings: Settings, *, blocking_pop: bool = False) -> aioredis.Redis:
     """A Redis client for ``settings.redis_url``.
 
@@ -162,6 +213,7 @@ def redis_client(settings: Settings, *, blocking_pop: bool = False) -> aioredis.
         socket_keepalive=True,
         health_check_interval=30,  # seconds
         retry=Retry(ExponentialBackoff(cap=1, base=0.05), retries=2),
+        **redis_credentials(settings),
     )
     return aioredis.Redis(connection_pool=pool)
 

@@ -27,13 +27,17 @@ from dataclasses import dataclass
 import orjson
 
 from common.errors import MessageTooLarge, RejectedError
+from common.policy import Pattern, TopicPolicy
 
 MAX_DEPTH = 1024  # nesting levels; orjson's own limit, refused beyond it
 MAX_TOPIC_LENGTH = 256  # characters
 MAX_ID_LENGTH = 128  # characters
+# What a published message carries besides its payload: the Nats-Msg-Id
+# header and its framing. NATS counts both against the server's max_payload.
+HEADER_ALLOWANCE = 256  # bytes
 
-_TOKEN = r"[^\s.*>\x00-\x1f\x7f]+"
-_VALID_SUBJECT = re.compile(rf"{_TOKEN}(?:\.{_TOKEN})*", re.ASCII)
+_TOKEN = r"[^\s.*>\x00-\x1f\x7f-\x9f]+"
+_VALID_SUBJECT = re.compile(rf"{_TOKEN}(?:\.{_TOKEN})*")
 _VALID_ID = re.compile(r"[A-Za-z0-9._:\-]+", re.ASCII)
 
 
@@ -81,29 +85,35 @@ def subject_problem(subject: str) -> str | None:
     """Why ``subject`` is not a valid NATS subject to publish to, or None."""
     if len(subject) > MAX_TOPIC_LENGTH:
         return f"is longer than {MAX_TOPIC_LENGTH} characters"
-    if _VALID_SUBJECT.fullmatch(subject):
+    # Checked here rather than left to nats-py, whose checks changed between
+    # versions: CR, LF, space and tab would split the PUB line on the wire.
+    if _VALID_SUBJECT.fullmatch(subject) and subject.isprintable():
         return None
     if not subject:
         return "is empty"
-    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in subject):
+    if any(ch.isspace() or not ch.isprintable() for ch in subject):
         return "contains whitespace or a control character"
     if "*" in subject or ">" in subject:
         return "contains a wildcard (* or >)"
     return "has an empty token (leading, trailing or double dot)"
 
 
-def check_topic(topic: object, ingress_subject: str) -> str:
-    """Return ``topic`` if clients may publish to it, else raise why not."""
+def check_topic(
+    topic: object,
+    ingress_subject: str,
+    policy: TopicPolicy | None = None,
+    token_patterns: tuple[Pattern, ...] = (),
+) -> str:
+    """Return ``topic`` if clients may publish to it, else raise why not.
+
+    Without a ``policy`` only the reserved subjects are refused.
+    """
     if not isinstance(topic, str):
         raise RejectedError(f'"topic" must be a string, not {describe(topic)}')
     problem = subject_problem(topic)
     if problem:
         raise RejectedError(f'"topic" {topic!r} {problem}')
-    if topic == ingress_subject:
-        raise RejectedError(
-            f'"topic" {topic!r} is the gateway\'s own ingress subject; '
-            "publishing to it would loop back into the gateway"
-        )
+    (policy or TopicPolicy(ingress_subject)).check(topic, token_patterns)
     return topic
 
 
@@ -140,12 +150,22 @@ class Parser:
         max_bytes: int,
         ids: MessageIds | None = None,
         clock=time.time,
+        policy: TopicPolicy | None = None,
     ):
         self.ingress = ingress
         self.ingress_subject = ingress_subject
         self.max_bytes = max_bytes
         self.ids = ids or MessageIds()
         self.clock = clock
+        self.policy = policy or TopicPolicy(ingress_subject)
+
+    def limit_to(self, max_payload: int) -> None:
+        """Never accept more than the NATS server will take (its max_payload).
+
+        Called once NATS is connected; a message the server would refuse
+        must be refused here, or a consumer would retry it forever.
+        """
+        self.max_bytes = min(self.max_bytes, max_payload - HEADER_ALLOWANCE)
 
     def check_size(self, size: int) -> None:
         if size > self.max_bytes:
@@ -153,8 +173,13 @@ class Parser:
                 f"message is {size} bytes; the limit is {self.max_bytes} bytes"
             )
 
-    def envelope(self, body: bytes) -> Message:
-        """An HTTP body: ``{"message": <JSON text or object>, "id": ...}``."""
+    def envelope(
+        self, body: bytes, token_patterns: tuple[Pattern, ...] = ()
+    ) -> Message:
+        """An HTTP body: ``{"message": <JSON text or object>, "id": ...}``.
+
+        ``token_patterns`` are the topic patterns of the client's token.
+        """
         self.check_size(len(body))
         if not body.strip():
             raise RejectedError("request body is empty; send a JSON object")
@@ -164,9 +189,14 @@ class Parser:
                 'request body must be a JSON object with a "message" field, '
                 f"not {describe(document)}"
             )
-        return self._from_envelope(document)
+        return self._from_envelope(document, None, token_patterns)
 
-    def bare(self, data: bytes, default_id: str | None = None) -> Message:
+    def bare(
+        self,
+        data: bytes,
+        default_id: str | None = None,
+        token_patterns: tuple[Pattern, ...] = (),
+    ) -> Message:
         """A frame or queue item: the message object, or an envelope.
 
         ``default_id`` is the id to use when the sender gave none (the Redis
@@ -180,10 +210,15 @@ class Parser:
                 f"message must be a JSON object, not {describe(document)}"
             )
         if "topic" not in document and "message" in document:
-            return self._from_envelope(document, default_id)
-        return self._accept(document, data, default_id)
+            return self._from_envelope(document, default_id, token_patterns)
+        return self._accept(document, data, default_id, token_patterns)
 
-    def _from_envelope(self, document: dict, default_id: str | None = None) -> Message:
+    def _from_envelope(
+        self,
+        document: dict,
+        default_id: str | None,
+        token_patterns: tuple[Pattern, ...],
+    ) -> Message:
         if "message" not in document:
             raise RejectedError('request body has no "message" field')
         message_id = _check_id(document.get("id")) or default_id
@@ -199,18 +234,27 @@ class Parser:
                 raise RejectedError(
                     f'"message" must hold a JSON object, not {describe(parsed)}'
                 )
-            return self._accept(parsed, payload, message_id)
+            return self._accept(parsed, payload, message_id, token_patterns)
         if isinstance(inner, dict):
-            return self._accept(inner, orjson.dumps(inner), message_id)
+            payload = orjson.dumps(inner)
+            return self._accept(inner, payload, message_id, token_patterns)
         raise RejectedError(
             '"message" must be a JSON object or a string holding one, '
             f"not {describe(inner)}"
         )
 
-    def _accept(self, obj: dict, payload: bytes, message_id: str | None) -> Message:
+    def _accept(
+        self,
+        obj: dict,
+        payload: bytes,
+        message_id: str | None,
+        token_patterns: tuple[Pattern, ...],
+    ) -> Message:
         if "topic" not in obj:
             raise RejectedError('message has no "topic" field')
-        topic = check_topic(obj["topic"], self.ingress_subject)
+        topic = check_topic(
+            obj["topic"], self.ingress_subject, self.policy, token_patterns
+        )
         return Message(
             message_id or self.ids.next(),
             topic,

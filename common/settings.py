@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from common import tokens
 from common.errors import ConfigError
+from common.policy import parse_patterns
 
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
 
@@ -33,6 +35,7 @@ class Setting:
     default: str
     parse: Callable[[str], Any]
     help: str
+    secret: bool = False  # never shown, not even in an error message
 
 
 def _integer(low: int, high: int) -> Callable[[str], int]:
@@ -122,6 +125,14 @@ def _path(text: str) -> str:
     if not text:
         raise ValueError("must not be empty")
     return os.path.abspath(text)
+
+
+def _optional_path(text: str) -> str:
+    return os.path.abspath(text) if text else ""
+
+
+def _text(text: str) -> str:
+    return text
 
 
 def _level(text: str) -> str:
@@ -364,6 +375,210 @@ SETTINGS: tuple[Setting, ...] = (
         "How long a stopping process may take to finish and flush what it "
         "holds (supervisord waits 30 s).",
     ),
+    Setting(
+        "allowed_topics",
+        "FANOUT_ALLOWED_TOPICS",
+        "pattern list",
+        "",
+        parse_patterns,
+        "Comma-separated NATS subject patterns (* one token, > the rest) that "
+        "clients may publish to. Empty: any topic not reserved or denied.",
+    ),
+    Setting(
+        "denied_topics",
+        "FANOUT_DENIED_TOPICS",
+        "pattern list",
+        "",
+        parse_patterns,
+        "Comma-separated NATS subject patterns clients may never publish to; "
+        "deny wins over allow. $... and _INBOX. are refused regardless.",
+    ),
+    Setting(
+        "tokens_file",
+        "FANOUT_TOKENS_FILE",
+        "path",
+        "",
+        tokens.read_file,
+        "File of client tokens for HTTP and WebSocket, one NAME VALUE "
+        "[PATTERNS] a line. With no token declared, clients need none.",
+    ),
+    Setting(
+        "tokens",
+        "FANOUT_TOKENS",
+        "token list",
+        "",
+        tokens.parse_env,
+        "More client tokens, NAME VALUE [PATTERNS] entries separated by ;.",
+        secret=True,
+    ),
+    Setting(
+        "http_header_timeout",
+        "FANOUT_HTTP_HEADER_TIMEOUT",
+        "seconds",
+        "10",
+        _seconds(0.5, 300),
+        "How long an HTTP client may take to send a request's headers "
+        "(from connecting, or from starting the request) before it is cut off.",
+    ),
+    Setting(
+        "http_body_timeout",
+        "FANOUT_HTTP_BODY_TIMEOUT",
+        "seconds",
+        "30",
+        _seconds(0.5, 300),
+        "How long an HTTP client may take to send a request's body; then 408.",
+    ),
+    Setting(
+        "http_max_connections",
+        "FANOUT_HTTP_MAX_CONNECTIONS",
+        "integer",
+        "1000",
+        _integer(1, 100_000),
+        "Open connections one HTTP worker serves; beyond it requests get 503.",
+    ),
+    Setting(
+        "ws_max_connections",
+        "FANOUT_WS_MAX_CONNECTIONS",
+        "integer",
+        "1000",
+        _integer(1, 100_000),
+        "Open connections one WebSocket process serves; beyond it the "
+        "handshake gets 503.",
+    ),
+    Setting(
+        "ws_ping_interval",
+        "FANOUT_WS_PING_INTERVAL",
+        "seconds",
+        "20",
+        _seconds(0.5, 3600),
+        "How often the WebSocket ingress pings each client; a client that "
+        "does not answer within the same time is disconnected.",
+    ),
+    Setting(
+        "ws_idle_timeout",
+        "FANOUT_WS_IDLE_TIMEOUT",
+        "seconds",
+        "300",
+        _seconds(0.5, 86400),
+        "A WebSocket connection that sends no message for this long is closed (1001).",
+    ),
+    Setting(
+        "ws_compression",
+        "FANOUT_WS_COMPRESSION",
+        "boolean",
+        "false",
+        _boolean,
+        "Offer permessage-deflate to WebSocket clients. Off by default: it "
+        "costs memory on every connection.",
+    ),
+    Setting(
+        "nats_user",
+        "FANOUT_NATS_USER",
+        "string",
+        "",
+        _text,
+        "User name the gateway gives NATS (with FANOUT_NATS_PASSWORD).",
+    ),
+    Setting(
+        "nats_password",
+        "FANOUT_NATS_PASSWORD",
+        "secret",
+        "",
+        _text,
+        "Password for FANOUT_NATS_USER.",
+        secret=True,
+    ),
+    Setting(
+        "nats_token",
+        "FANOUT_NATS_TOKEN",
+        "secret",
+        "",
+        _text,
+        "Token the gateway gives NATS, for a server started with token auth.",
+        secret=True,
+    ),
+    Setting(
+        "nats_nkey_seed_file",
+        "FANOUT_NATS_NKEY_SEED_FILE",
+        "path",
+        "",
+        _optional_path,
+        "File holding the gateway's NKey seed, for NKey auth.",
+    ),
+    Setting(
+        "nats_creds_file",
+        "FANOUT_NATS_CREDS_FILE",
+        "path",
+        "",
+        _optional_path,
+        "A .creds file (user JWT and NKey seed), for decentralized auth.",
+    ),
+    Setting(
+        "nats_tls_ca",
+        "FANOUT_NATS_TLS_CA",
+        "path",
+        "",
+        _optional_path,
+        "CA bundle to verify the NATS server with; setting it turns TLS on.",
+    ),
+    Setting(
+        "nats_tls_cert",
+        "FANOUT_NATS_TLS_CERT",
+        "path",
+        "",
+        _optional_path,
+        "Client certificate for NATS TLS (with FANOUT_NATS_TLS_KEY).",
+    ),
+    Setting(
+        "nats_tls_key",
+        "FANOUT_NATS_TLS_KEY",
+        "path",
+        "",
+        _optional_path,
+        "Private key of FANOUT_NATS_TLS_CERT.",
+    ),
+    Setting(
+        "redis_username",
+        "FANOUT_REDIS_USERNAME",
+        "string",
+        "",
+        _text,
+        "Redis ACL user (overrides one in FANOUT_REDIS_URL).",
+    ),
+    Setting(
+        "redis_password",
+        "FANOUT_REDIS_PASSWORD",
+        "secret",
+        "",
+        _text,
+        "Redis password, for requirepass or the ACL user (overrides one in "
+        "FANOUT_REDIS_URL).",
+        secret=True,
+    ),
+    Setting(
+        "redis_tls_ca",
+        "FANOUT_REDIS_TLS_CA",
+        "path",
+        "",
+        _optional_path,
+        "CA bundle to verify Redis with, for a rediss:// URL.",
+    ),
+    Setting(
+        "redis_tls_cert",
+        "FANOUT_REDIS_TLS_CERT",
+        "path",
+        "",
+        _optional_path,
+        "Client certificate for Redis TLS (with FANOUT_REDIS_TLS_KEY).",
+    ),
+    Setting(
+        "redis_tls_key",
+        "FANOUT_REDIS_TLS_KEY",
+        "path",
+        "",
+        _optional_path,
+        "Private key of FANOUT_REDIS_TLS_CERT.",
+    ),
 )
 
 
@@ -392,7 +607,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             values[setting.name] = setting.parse(text)
         except ValueError as exc:
             shown = text
-            if setting.kind.startswith("URL"):
+            if setting.secret:
+                shown = "***"
+            elif setting.kind.startswith("URL"):
                 shown = ",".join(_redact(u.strip()) for u in text.split(","))
             raise ConfigError(f"{setting.env}={shown!r}: {exc}") from exc
 
@@ -406,6 +623,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         values["redis_url"] = f"redis://127.0.0.1:{values['embedded_redis_port']}/0"
 
     _check_keys(values)
+    _check_credentials(values)
     return Settings(values, frozenset(embedded))
 
 
@@ -426,6 +644,30 @@ def _check_keys(values: Mapping[str, Any]) -> None:
                 "different lists, or the gateway would consume its own output"
             )
         seen[key] = env
+
+
+def _check_credentials(values: Mapping[str, Any]) -> None:
+    ways = [
+        env
+        for env, name in (
+            ("FANOUT_NATS_USER", "nats_user"),
+            ("FANOUT_NATS_TOKEN", "nats_token"),
+            ("FANOUT_NATS_NKEY_SEED_FILE", "nats_nkey_seed_file"),
+            ("FANOUT_NATS_CREDS_FILE", "nats_creds_file"),
+        )
+        if values[name]
+    ]
+    if len(ways) > 1:
+        raise ConfigError(
+            f"{' and '.join(ways)} are set together; the gateway authenticates "
+            "to NATS in one way"
+        )
+    if values["nats_password"] and not values["nats_user"]:
+        raise ConfigError("FANOUT_NATS_PASSWORD is set without FANOUT_NATS_USER")
+    for prefix in ("FANOUT_NATS_TLS", "FANOUT_REDIS_TLS"):
+        name = prefix.lower().removeprefix("fanout_")
+        if bool(values[f"{name}_cert"]) != bool(values[f"{name}_key"]):
+            raise ConfigError(f"{prefix}_CERT and {prefix}_KEY go together")
 
 
 def load_or_exit(environ: Mapping[str, str] | None = None) -> Settings:

@@ -17,18 +17,25 @@ from common import settings as settings_module
 
 
 class FanoutWorker(UvicornWorker):
-    """The uvicorn worker with uvloop, httptools and a bounded graceful stop.
+    """The uvicorn worker with uvloop, httptools, limits and a bounded stop.
 
     On TERM a worker stops accepting, lets in-flight requests finish for at
     most half of ``FANOUT_SHUTDOWN_TIMEOUT``, then spends at most the other
     half committing what it holds; gunicorn's graceful timeout is 2 s more.
+    ``limit_concurrency`` answers 503 beyond that many open connections; the
+    httptools protocol is ours, to time out slow request heads (see
+    services.http_protocol).
     """
 
     def __init__(self, *args, **kwargs):
+        from services.http_protocol import guarded_protocol
+
         settings = settings_module.load_or_exit()
         self.CONFIG_KWARGS = {
             "loop": "uvloop",
-            "http": "httptools",
+            "http": guarded_protocol(settings.http_header_timeout),
+            "limit_concurrency": settings.http_max_connections,
+            "server_header": False,
             "timeout_graceful_shutdown": settings.shutdown_timeout / 2,  # seconds
         }
         super().__init__(*args, **kwargs)

@@ -19,7 +19,9 @@ from common.brokers import NatsLink, redis_client, wait_for_redis
 from common.committer import Committer
 from common.errors import RejectedError, RetryableError
 from common.message import Parser
+from common.policy import TopicPolicy
 from common.settings import Settings
+from common.tokens import Tokens, bearer
 
 logger = logging.getLogger("fanout.http")
 
@@ -37,10 +39,15 @@ class MessagesResource:
         self.settings = settings
         self.gateway = gateway
         self.parser = Parser(
-            "http", settings.ingress_subject, settings.max_message_bytes
+            "http",
+            settings.ingress_subject,
+            settings.max_message_bytes,
+            policy=TopicPolicy.from_settings(settings),
         )
+        self.tokens = Tokens(settings.tokens_file + settings.tokens)
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response):
+        patterns = self._authorize(req)
         media_type = (req.content_type or "").split(";", 1)[0].strip().lower()
         if media_type != JSON:
             given = media_type or "missing"
@@ -48,7 +55,7 @@ class MessagesResource:
                 description=f"Content-Type must be {JSON}, not {given}"
             )
         body = await self._read_body(req)
-        message = self.parser.envelope(body)
+        message = self.parser.envelope(body, patterns)
         await self.gateway.committer.accept(message)
         resp.status = falcon.HTTP_202
         resp.content_type = JSON
@@ -56,13 +63,43 @@ class MessagesResource:
             {"status": "accepted", "id": message.id, "topic": message.topic}
         )
 
+    def _authorize(self, req: falcon.asgi.Request) -> tuple:
+        """The token's topic patterns; 401 when a token is needed and not given.
+
+        The answer is the same for a missing and a wrong token, and says
+        nothing about which tokens exist.
+        """
+        if not self.tokens.required:
+            return ()
+        token = self.tokens.identify(bearer(req.get_header("Authorization")))
+        if token is None:
+            raise falcon.HTTPUnauthorized(
+                description="a valid token is required: Authorization: Bearer <token>",
+                headers={"WWW-Authenticate": 'Bearer realm="fanout"'},
+            )
+        return token.patterns
+
     async def _read_body(self, req: falcon.asgi.Request) -> bytes:
-        limit = self.settings.max_message_bytes
+        # The parser's limit may have been lowered to the NATS server's
+        # max_payload since startup.
+        limit = self.parser.max_bytes
         if req.content_length is not None:
             self.parser.check_size(req.content_length)
+
         # Read one byte past the limit so a chunked body without a length is
-        # cut off there instead of being read whole.
-        body = await req.stream.read(limit + 1)
+        # cut off there instead of being read whole; a client that trickles
+        # its body is cut off after the body timeout.
+        try:
+            body = await asyncio.wait_for(
+                req.stream.read(limit + 1), self.settings.http_body_timeout
+            )
+        except TimeoutError:
+            raise falcon.HTTPError(
+                falcon.HTTP_408,
+                headers={"Connection": "close"},
+                description=f"the request body did not arrive within "
+                f"{self.settings.http_body_timeout:g} s (FANOUT_HTTP_BODY_TIMEOUT)",
+            ) from None
         self.parser.check_size(len(body))
         return body
 
@@ -72,6 +109,7 @@ class Gateway:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.parser: Parser | None = None  # set by create_app
         self.stopping = asyncio.Event()
         self.nats: NatsLink | None = None
         self.committer: Committer | None = None
@@ -84,13 +122,17 @@ class Gateway:
         self.committer = Committer(settings, self.nats, self.redis, logger)
         self.committer.start()
         self._connect_tasks = [
-            asyncio.create_task(self.nats.connect(self.stopping), name="nats-connect"),
+            asyncio.create_task(self._connect_nats(), name="nats-connect"),
             asyncio.create_task(
                 wait_for_redis(self.redis, settings.redis_url, logger, self.stopping),
                 name="redis-connect",
             ),
         ]
         logger.info("http worker ready")
+
+    async def _connect_nats(self) -> None:
+        if await self.nats.connect(self.stopping):
+            self.parser.limit_to(self.nats.nc.max_payload)
 
     async def process_shutdown(self, scope, event) -> None:
         logger.info("http worker stopping")
@@ -148,6 +190,7 @@ def create_app(settings: Settings | None = None) -> falcon.asgi.App:
     settings = settings or settings_module.load_or_exit()
     gateway = Gateway(settings)
     resource = MessagesResource(settings, gateway)
+    gateway.parser = resource.parser
     app = falcon.asgi.App(middleware=[gateway])
     app.req_options.strip_url_path_trailing_slash = False
     app.add_route("/MESSAGES", resource)

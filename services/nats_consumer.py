@@ -21,6 +21,7 @@ from common.audit import audit_entry
 from common.brokers import NatsLink, redis_client, wait_for_redis
 from common.consumer import retry, sort_batch
 from common.message import Parser
+from common.policy import TopicPolicy
 from common.settings import Settings
 
 logger = logging.getLogger("fanout.nats")
@@ -35,7 +36,10 @@ class NatsConsumer:
         self.settings = settings
         self.stopping = stopping
         self.parser = Parser(
-            "nats", settings.ingress_subject, settings.max_message_bytes
+            "nats",
+            settings.ingress_subject,
+            settings.max_message_bytes,
+            policy=TopicPolicy.from_settings(settings),
         )
         self.refusals = logs.RateLimited(logger)
         self.nats = NatsLink(settings, f"fanout-nats-{logs.process_label()}", logger)
@@ -52,6 +56,7 @@ class NatsConsumer:
     async def run(self) -> int:
         if not await self.nats.connect(self.stopping):
             return 0
+        self.parser.limit_to(self.nats.nc.max_payload)
         if not await wait_for_redis(
             self.redis, self.settings.redis_url, logger, self.stopping
         ):

@@ -31,6 +31,7 @@ from common.audit import audit_entry
 from common.brokers import NatsLink, redis_client, wait_for_redis
 from common.consumer import retry, sort_batch
 from common.message import MessageIds, Parser
+from common.policy import TopicPolicy
 from common.settings import Settings
 
 logger = logging.getLogger("fanout.redis")
@@ -99,7 +100,10 @@ class RedisConsumer:
         self.heartbeat = f"{prefix}:consumer:{self.name}"
         self.batch_size = min(settings.batch_size, MAX_BATCH)
         self.parser = Parser(
-            "redis", settings.ingress_subject, settings.max_message_bytes
+            "redis",
+            settings.ingress_subject,
+            settings.max_message_bytes,
+            policy=TopicPolicy.from_settings(settings),
         )
         self.ids = MessageIds()
         self.refusals = logs.RateLimited(logger)
@@ -116,6 +120,7 @@ class RedisConsumer:
     async def run(self) -> int:
         if not await self.nats.connect(self.stopping):
             return 0
+        self.parser.limit_to(self.nats.nc.max_payload)
         if not await wait_for_redis(
             self.redis, self.settings.redis_url, logger, self.stopping
         ):

@@ -9,7 +9,7 @@ frames; past that it stops reading until answers go out (backpressure).
 import asyncio
 import logging
 from http import HTTPStatus
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 from websockets.asyncio.server import ServerConnection, serve
@@ -20,15 +20,27 @@ from common import logs, runtime
 from common import settings as settings_module
 from common.brokers import NatsLink, redis_client, wait_for_redis
 from common.committer import Committer
-from common.errors import FanoutError, RejectedError, RetryableError
+from common.errors import (
+    FanoutError,
+    MessageTooLarge,
+    RejectedError,
+    RetryableError,
+)
 from common.message import Message, Parser
+from common.policy import Pattern, TopicPolicy
 from common.settings import Settings
+from common.tokens import Tokens, bearer
 
 logger = logging.getLogger("fanout.ws")
 
 WINDOW = 1000  # unanswered frames one connection may have in flight
 PATH = "/MESSAGES"
 _END = object()  # tells a connection's writer that no more answers come
+# The library's own cap on a frame, a multiple of FANOUT_MAX_MESSAGE_BYTES:
+# frames between the two are refused by the session, in order, after the
+# earlier frames were answered; beyond it the library closes at once.
+HARD_CAP_FACTOR = 2
+OPEN_TIMEOUT = 10  # seconds for a client to complete the handshake
 
 
 def _error_frame(exc: FanoutError) -> bytes:
@@ -38,12 +50,26 @@ def _error_frame(exc: FanoutError) -> bytes:
     return orjson.dumps(answer)
 
 
+class _Close:
+    """Tells a connection's writer to close, once the answers before it left."""
+
+    def __init__(self, code: int, reason: str):
+        self.code = code
+        self.reason = reason
+
+
 class Session:
     """One client connection: a reader that submits, a writer that answers."""
 
-    def __init__(self, ws: ServerConnection, ingress: "WsIngress"):
+    def __init__(
+        self,
+        ws: ServerConnection,
+        ingress: "WsIngress",
+        patterns: tuple[Pattern, ...] = (),
+    ):
         self.ws = ws
         self.ingress = ingress
+        self.patterns = patterns  # of the client's token
         self.answers: asyncio.Queue = asyncio.Queue(maxsize=WINDOW)
         self.read_task: asyncio.Task | None = None
 
@@ -64,15 +90,31 @@ class Session:
         parser = self.ingress.parser
         submit = self.ingress.committer.submit
         put = self.answers.put
+        idle = self.ingress.settings.ws_idle_timeout
         try:
             while True:
-                frame = await self.ws.recv()
-                data = frame.encode() if isinstance(frame, str) else frame
                 try:
-                    message = parser.bare(data)
+                    # Bytes, undecoded: orjson checks the UTF-8 itself.
+                    data = await asyncio.wait_for(self.ws.recv(decode=False), idle)
+                except TimeoutError:
+                    await put(_Close(1001, f"idle for {idle:g} s"))
+                    return
+                if len(data) > parser.max_bytes:
+                    exc = MessageTooLarge(
+                        f"message is {len(data)} bytes; the limit is "
+                        f"{parser.max_bytes} bytes"
+                    )
+                    self._log_refusal(exc)
+                    await put(_Close(1009, str(exc)))
+                    return
+                try:
+                    message = parser.bare(data, None, self.patterns)
                     await put((message, submit(message)))
                 except FanoutError as exc:
                     self._log_refusal(exc)
+                    if _not_utf8(data):
+                        await put(_Close(1007, "message is not valid UTF-8"))
+                        return
                     await put(_error_frame(exc))
         except ConnectionClosed:
             pass
@@ -88,6 +130,9 @@ class Session:
         send = self.ws.send
         get = self.answers.get
         while (item := await get()) is not _END:
+            if isinstance(item, _Close):
+                await self.ws.close(item.code, item.reason)
+                continue
             if isinstance(item, bytes):
                 answer = item
             else:
@@ -109,18 +154,33 @@ class Session:
         )
 
 
+def _not_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
 class WsIngress:
     """The process: brokers, committer, server and its sessions."""
 
     def __init__(self, settings: Settings, stopping: asyncio.Event):
         self.settings = settings
         self.stopping = stopping
-        self.parser = Parser("ws", settings.ingress_subject, settings.max_message_bytes)
+        self.parser = Parser(
+            "ws",
+            settings.ingress_subject,
+            settings.max_message_bytes,
+            policy=TopicPolicy.from_settings(settings),
+        )
+        self.tokens = Tokens(settings.tokens_file + settings.tokens)
         self.refusals = logs.RateLimited(logger)
         self.nats = NatsLink(settings, f"fanout-ws-{logs.process_label()}", logger)
         self.redis = redis_client(settings)
         self.committer = Committer(settings, self.nats, self.redis, logger)
         self.sessions: set[Session] = set()
+        self._patterns: dict[ServerConnection, tuple[Pattern, ...]] = {}
 
     def process_request(self, connection: ServerConnection, request: Request):
         path = urlsplit(request.path).path
@@ -132,10 +192,37 @@ class WsIngress:
             return connection.respond(
                 HTTPStatus.SERVICE_UNAVAILABLE, "the gateway is shutting down\n"
             )
+        if len(self.sessions) >= self.settings.ws_max_connections:
+            return connection.respond(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"{len(self.sessions)} connections are open, the most this "
+                "process serves (FANOUT_WS_MAX_CONNECTIONS); try again later\n",
+            )
+        return self._authorize(connection, request)
+
+    def _authorize(self, connection: ServerConnection, request: Request):
+        # Browsers cannot set headers on a WebSocket handshake, so the token
+        # may also come as ?token=; the answer never says which tokens exist.
+        if not self.tokens.required:
+            return None
+        presented = bearer(request.headers.get("Authorization"))
+        if presented is None:
+            query = parse_qs(urlsplit(request.path).query)
+            presented = (query.get("token") or [None])[0]
+        token = self.tokens.identify(presented)
+        if token is None:
+            response = connection.respond(
+                HTTPStatus.UNAUTHORIZED,
+                "a valid token is required: Authorization: Bearer <token> "
+                "or ?token=<token>\n",
+            )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="fanout"'
+            return response
+        self._patterns[connection] = token.patterns
         return None
 
     async def handle(self, ws: ServerConnection) -> None:
-        session = Session(ws, self)
+        session = Session(ws, self, self._patterns.pop(ws, ()))
         self.sessions.add(session)
         try:
             await session.run()
@@ -148,7 +235,7 @@ class WsIngress:
         host, port = self.settings.ws_bind
         self.committer.start()
         connect_tasks = [
-            asyncio.create_task(self.nats.connect(self.stopping)),
+            asyncio.create_task(self._connect_nats()),
             asyncio.create_task(
                 wait_for_redis(
                     self.redis, self.settings.redis_url, logger, self.stopping
@@ -160,14 +247,21 @@ class WsIngress:
             host,
             port,
             process_request=self.process_request,
-            max_size=self.settings.max_message_bytes,
-            compression=None,
+            max_size=self.settings.max_message_bytes * HARD_CAP_FACTOR,
+            compression="deflate" if self.settings.ws_compression else None,
+            ping_interval=self.settings.ws_ping_interval,
+            ping_timeout=self.settings.ws_ping_interval,
+            open_timeout=OPEN_TIMEOUT,
             server_header=None,
         )
         logger.info("ws ingress listening on %s:%d%s", host, port, PATH)
         await self.stopping.wait()
         await self._shutdown(server, connect_tasks)
         return 0
+
+    async def _connect_nats(self) -> None:
+        if await self.nats.connect(self.stopping):
+            self.parser.limit_to(self.nats.nc.max_payload)
 
     async def _shutdown(self, server, connect_tasks: list[asyncio.Task]) -> None:
         timeout = self.settings.shutdown_timeout
