@@ -133,6 +133,7 @@ class NatsLink:
         some of the messages may still reach the server later.
         """
         nc = self.nc
+        reconnects = nc.stats["reconnects"]
         try:
             for message in messages:
                 await nc.publish(
@@ -145,6 +146,14 @@ class NatsLink:
             raise BrokerUnavailable(
                 f"nats did not confirm the message ({exc.__class__.__name__})"
             ) from exc
+
+        # nats-py's flush() returns without a PONG when its read loop has
+        # just died with the connection; only a flush on the same, still
+        # live connection confirms anything.
+        if not nc.is_connected or nc.stats["reconnects"] != reconnects:
+            raise BrokerUnavailable(
+                "nats connection dropped before the message was confirmed"
+            )
 
     async def close(self) -> None:
         """Send what is buffered, then close."""

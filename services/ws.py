@@ -41,6 +41,7 @@ _END = object()  # tells a connection's writer that no more answers come
 # earlier frames were answered; beyond it the library closes at once.
 HARD_CAP_FACTOR = 2
 OPEN_TIMEOUT = 10  # seconds for a client to complete the handshake
+CLOSE_TIMEOUT = 2  # seconds a client has to answer our close frame
 
 
 def _error_frame(exc: FanoutError) -> bytes:
@@ -91,14 +92,20 @@ class Session:
         submit = self.ingress.committer.submit
         put = self.answers.put
         idle = self.ingress.settings.ws_idle_timeout
+        stopping = self.ingress.stopping
         try:
             while True:
+                # Bytes, undecoded: orjson checks the UTF-8 itself. Not
+                # wait_for(): on Python 3.11 it can swallow the cancellation
+                # that shutdown uses to stop this reader.
                 try:
-                    # Bytes, undecoded: orjson checks the UTF-8 itself.
-                    data = await asyncio.wait_for(self.ws.recv(decode=False), idle)
+                    async with asyncio.timeout(idle):
+                        data = await self.ws.recv(decode=False)
                 except TimeoutError:
                     await put(_Close(1001, f"idle for {idle:g} s"))
                     return
+                if stopping.is_set():
+                    return  # read after shutdown began: not taken, not answered
                 if len(data) > parser.max_bytes:
                     exc = MessageTooLarge(
                         f"message is {len(data)} bytes; the limit is "
@@ -251,6 +258,7 @@ class WsIngress:
             compression="deflate" if self.settings.ws_compression else None,
             ping_interval=self.settings.ws_ping_interval,
             ping_timeout=self.settings.ws_ping_interval,
+            close_timeout=CLOSE_TIMEOUT,
             open_timeout=OPEN_TIMEOUT,
             server_header=None,
         )

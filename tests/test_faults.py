@@ -22,7 +22,11 @@ def assert_delivered(traffic: Traffic, seen: dict[str, set[str]]) -> None:
     """Every acknowledged key arrived; duplicates only with one id."""
     for ingress, acked in traffic.acked.items():
         missing = sorted(acked - seen.keys())
-        assert not missing, f"{ingress}: {len(missing)} acknowledged, not delivered"
+        when = [round(traffic.acked_at[k] - traffic.started_at, 3) for k in missing]
+        assert not missing, (
+            f"{ingress}: {len(missing)} acknowledged, not delivered: {missing} "
+            f"answered at {when} s into the traffic; events: {traffic.events}"
+        )
     assert traffic.unexpected == []
     for key, ids in seen.items():
         assert len(ids) == 1, f"{key} arrived with different ids {ids}"
@@ -128,9 +132,12 @@ def test_nats_restart_refuses_then_reconnects(
     try:
         traffic = traffic_for(http, ws, brokers, seconds=10).start()
         time.sleep(1.5)
+        traffic.mark("stop")
         server.stop()
+        traffic.mark("stopped")
         time.sleep(5)
         server.start()
+        traffic.mark("started")
         traffic.join()
 
         wait_delivered(sub, traffic, timeout=10)

@@ -28,12 +28,13 @@ def ws_burst(url: str, count: int, result: dict) -> None:
             opcode, data = client.recv_data()
             if opcode == websocket.ABNF.OPCODE_CLOSE:
                 result["close_code"] = int.from_bytes(data[:2], "big")
+                client.send_close()  # complete the closing handshake
                 break
             answers.append(json.loads(data))
     except (OSError, websocket.WebSocketException) as exc:
         result["error"] = repr(exc)
     result["answers"] = answers
-    client.close()
+    client.shutdown()
 
 
 def http_post(url: str, n: int):
@@ -103,11 +104,12 @@ def test_ws_answers_read_frames_then_closes_1001(launch):
         opcode, data = client.recv_data()
         if opcode == websocket.ABNF.OPCODE_CLOSE:
             close_code = int.from_bytes(data[:2], "big")
+            client.send_close()  # complete the closing handshake
             break
         answers.append(json.loads(data))
-    client.close()
+    client.shutdown()
 
-    assert close_code == 1001
+    assert close_code == 1001, ws.output()
     assert [a["status"] for a in answers] == ["accepted"] * 20
     assert ws.proc.wait(15) == 0
     assert "ws stopped" in ws.output()
@@ -133,7 +135,9 @@ def test_http_answers_in_flight_then_exits_0(launch, brokers, subscriber):
 
 def test_redis_consumer_gives_back_what_it_could_not_finish(launch, brokers, rdb):
     """Stopped while NATS is frozen, the consumer puts its batch back in order."""
-    consumer = launch.start("fanout-redis", FANOUT_CONSUMER_NAME="g")
+    consumer = launch.start(
+        "fanout-redis", FANOUT_CONSUMER_NAME="g", FANOUT_PUBLISH_TIMEOUT="1"
+    )
     brokers.nats.proc.send_signal(signal.SIGSTOP)
     batch = [orjson.dumps({"topic": "internal.back", "n": n}) for n in range(50)]
     rdb.rpush("MESSAGES", *batch)

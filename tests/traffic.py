@@ -34,6 +34,7 @@ class Traffic:
         self.acked: dict[str, set[str]] = {"http": set(), "ws": set(), "redis": set()}
         self.refused: dict[str, list] = {"http": [], "ws": [], "redis": []}
         self.unexpected: list = []
+        self.acked_at: dict[str, float] = {}  # key: time.monotonic() of the answer
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -48,7 +49,13 @@ class Traffic:
     def _add(self, target, *args) -> None:
         self._threads.append(threading.Thread(target=target, args=args, daemon=True))
 
+    def mark(self, event: str) -> None:
+        """Note when something happened, for failure messages."""
+        self.events.append((event, round(time.monotonic() - self.started_at, 3)))
+
     def start(self) -> "Traffic":
+        self.started_at = time.monotonic()
+        self.events: list[tuple[str, float]] = []
         self._deadline = time.monotonic() + self.seconds
         for thread in self._threads:
             thread.start()
@@ -74,6 +81,7 @@ class Traffic:
         with self._lock:
             if ok:
                 self.acked[ingress].add(key)
+                self.acked_at[key] = time.monotonic()
             else:
                 self.refused[ingress].append((key, detail))
 
