@@ -1,28 +1,50 @@
 """The JSON entries Fanout writes to Redis: audit log and dead-letter list."""
 
-from datetime import UTC, datetime
+import time
 
 import orjson
 
 from common.message import Message
 
+# PERF: formatting a datetime costs more than the rest of an audit entry;
+# messages come many to a second, so the seconds part is formatted once.
+_second = -1
+_second_text = ""
+
 
 def utc_iso(timestamp: float) -> str:
     """``2026-12-03T21:53:23.123456Z`` for a time in seconds since the epoch."""
-    stamp = datetime.fromtimestamp(timestamp, UTC)
-    return stamp.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    global _second, _second_text
+    second = int(timestamp)
+    if second != _second:
+        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second = second
+    micros = int((timestamp - second) * 1_000_000)
+    return f"{_second_text}.{micros:06d}Z"
 
 
 def audit_entry(message: Message) -> bytes:
-    """One audit-log entry; the message is embedded as the JSON it arrived as."""
-    return orjson.dumps(
-        {
-            "id": message.id,
-            "received_at": utc_iso(message.received_at),
-            "ingress": message.ingress,
-            "topic": message.topic,
-            "message": orjson.Fragment(message.payload),
-        }
+    """One audit-log entry; the message is embedded as the JSON it arrived as.
+
+    Joined from parts rather than built as a dict: this runs once per
+    message and orjson on a dict costs several times more. ``id`` and
+    ``topic`` go through orjson for escaping; the payload was validated as a
+    JSON object when it was parsed.
+    """
+    return b"".join(
+        (
+            b'{"id":',
+            orjson.dumps(message.id),
+            b',"received_at":"',
+            utc_iso(message.received_at).encode(),
+            b'","ingress":"',
+            message.ingress.encode(),
+            b'","topic":',
+            orjson.dumps(message.topic),
+            b',"message":',
+            message.payload,
+            b"}",
+        )
     )
 
 

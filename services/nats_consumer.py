@@ -12,6 +12,7 @@ stops.
 import asyncio
 import logging
 import time
+from collections import deque
 
 import nats.errors
 
@@ -44,7 +45,7 @@ class NatsConsumer:
         self.refusals = logs.RateLimited(logger)
         self.nats = NatsLink(settings, f"fanout-nats-{logs.process_label()}", logger)
         self.redis = redis_client(settings)
-        self.inbox: list[tuple[None, bytes]] = []
+        self.inbox: deque[tuple[None, bytes]] = deque()
         self.arrived = asyncio.Event()
         self.delivered = 0
         self.dead_lettered = 0
@@ -86,7 +87,8 @@ class NatsConsumer:
                 await self.arrived.wait()
                 continue
             batch_size = self.settings.batch_size
-            batch, self.inbox[:] = self.inbox[:batch_size], self.inbox[batch_size:]
+            take = self.inbox.popleft
+            batch = [take() for _ in range(min(batch_size, len(self.inbox)))]
             await self._deliver(batch)
 
     async def _deliver(self, batch: list[tuple[None, bytes]]) -> None:
