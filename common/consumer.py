@@ -52,7 +52,14 @@ async def retry(
     while True:
         try:
             result = await step()
-        except (RetryableError, aioredis.RedisError, OSError) as exc:
+        except (
+            RetryableError,
+            aioredis.ConnectionError,
+            aioredis.TimeoutError,
+            OSError,
+        ) as exc:
+            # Only outages are retried: a refused command (ResponseError)
+            # is a bug that retrying would hide.
             failures += 1
             if failures == 1:
                 logger.warning("%s failed (%s); retrying", what, _brief(exc))

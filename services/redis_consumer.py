@@ -4,7 +4,8 @@ Delivery is at-least-once. Items are never popped into memory only: a Lua
 script moves a batch from the head of the ingress list onto this consumer's
 own *processing list*, giving each item an id on the way. Only after the
 batch is published to NATS are its items removed from the processing list,
-in the same MULTI/EXEC that appends their audit entries and dead letters.
+by the same script run that appends their audit entries and dead letters
+and takes the next batch: one Redis round trip and one NATS flush a batch.
 A consumer killed at any point leaves its batch on its processing list; on
 start it delivers that list first, and a consumer that died for good has
 its list taken over by a live one once its heartbeat key expires. A
@@ -22,6 +23,7 @@ import asyncio
 import logging
 import os
 import socket
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
@@ -38,13 +40,34 @@ logger = logging.getLogger("fanout.redis")
 
 MAX_BATCH = 5000  # items per take; Lua's unpack() has a stack limit near 8000
 
-# KEYS[1] ingress list, KEYS[2] processing list; ARGV[1] count, ARGV[2] id
-# prefix. What the processing list still holds comes first: it is a batch a
-# previous run of this consumer took and did not finish.
-TAKE = """
-local held = redis.call('LRANGE', KEYS[2], 0, tonumber(ARGV[1]) - 1)
+# One round trip per batch: commit the batch just published, then take the
+# next one. KEYS: ingress list, processing list, audit log, dead-letter list.
+# ARGV: take count, id prefix for new items, the id line ("<id>\n") the
+# committed batch starts with ("" when there is nothing to commit), its
+# length, the number of audit entries, then the audit entries and the dead
+# letters. The commit applies only while the processing list still starts
+# with that batch, so a retry after a lost reply cannot trim or log twice.
+# What the processing list still holds is taken first: a batch an earlier
+# run of this consumer took and did not finish.
+STEP = """
+local first, done, audits = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+if done > 0 then
+  local head = redis.call('LINDEX', KEYS[2], 0)
+  if head and string.sub(head, 1, #first) == first then
+    if audits > 0 then
+      redis.call('RPUSH', KEYS[3], unpack(ARGV, 6, 5 + audits))
+    end
+    if #ARGV > 5 + audits then
+      redis.call('RPUSH', KEYS[4], unpack(ARGV, 6 + audits, #ARGV))
+    end
+    redis.call('LTRIM', KEYS[2], done, -1)
+  end
+end
+local count = tonumber(ARGV[1])
+if count == 0 then return {} end
+local held = redis.call('LRANGE', KEYS[2], 0, count - 1)
 if #held > 0 then return held end
-local items = redis.call('LPOP', KEYS[1], tonumber(ARGV[1]))
+local items = redis.call('LPOP', KEYS[1], count)
 if not items then return {} end
 for i, item in ipairs(items) do
   items[i] = ARGV[2] .. i .. '\\n' .. item
@@ -82,6 +105,19 @@ return #items
 """
 
 
+@dataclass(slots=True)
+class Commit:
+    """A published batch, to be logged and removed from the processing list."""
+
+    first_line: bytes  # b"<id>\n" of the batch's first entry
+    count: int
+    audits: list[bytes]
+    dead: list[bytes]
+
+    def args(self) -> list:
+        return [self.first_line, self.count, len(self.audits), *self.audits, *self.dead]
+
+
 def consumer_name(settings: Settings) -> str:
     """Stable across restarts, so a restarted consumer finds its own list."""
     if settings.consumer_name:
@@ -110,9 +146,10 @@ class RedisConsumer:
         self.nats = NatsLink(settings, f"fanout-redis-{self.name}", logger)
         self.redis = redis_client(settings)
         self.waiter = redis_client(settings, blocking_pop=True)
-        self.take_script = self.redis.register_script(TAKE)
+        self.step_script = self.redis.register_script(STEP)
         self.takeover_script = self.redis.register_script(TAKEOVER)
         self.give_back_script = self.redis.register_script(GIVE_BACK)
+        self.batches = 0
         self.delivered = 0
         self.dead_lettered = 0
         self._stop_deadline: float | None = None
@@ -145,33 +182,49 @@ class RedisConsumer:
         return 0
 
     async def _consume(self) -> None:
-        batches = 0
-        while not self.stopping.is_set():
-            # Take nothing while NATS is away: it would only sit in memory.
-            if not self.nats.connected.is_set():
-                await _first(self.nats.connected.wait(), self.stopping.wait())
-                continue
-            batches += 1
-            id_prefix = f"{self.ids.prefix}-{batches:x}."
-            entries = await retry(
-                lambda prefix=id_prefix: self.take_script(
-                    keys=[self.settings.ingress_list, self.processing],
-                    args=[self.batch_size, prefix],
-                ),
-                "taking a batch from redis",
-                logger,
-                self.stopping.is_set,
-            )
-            if entries is None:
-                break
-            if entries:
-                await self._deliver(entries)
-            else:
+        entries = await self._step(None)
+        while entries is not None and not self.stopping.is_set():
+            if not entries:
                 await self._wait_for_items()
+                entries = await self._step(None)
+                continue
+            commit = await self._publish(entries)
+            if commit is None:
+                return  # stopping: left on the processing list, given back
+            entries = await self._step(commit)
+
+    async def _step(self, commit: "Commit | None") -> list[bytes] | None:
+        """Commit the batch just published (if any) and take the next one.
+
+        Takes nothing while NATS is away, or once stopping: taken items
+        would only sit in memory. None when stopping cut the retries short.
+        """
+        while not self.nats.connected.is_set() and not self.stopping.is_set():
+            await _first(self.nats.connected.wait(), self.stopping.wait())
+        self.batches += 1
+        count = 0 if self.stopping.is_set() else self.batch_size
+        args = [count, f"{self.ids.prefix}-{self.batches:x}."]
+        args += commit.args() if commit else ["", 0, 0]
+        keys = [
+            self.settings.ingress_list,
+            self.processing,
+            self.settings.log_list,
+            self.settings.dead_list,
+        ]
+        entries = await retry(
+            lambda: self.step_script(keys=keys, args=args),
+            "committing and taking a batch",
+            logger,
+            self._past_stop_deadline,
+        )
+        if entries is not None and commit is not None:
+            self.delivered += len(commit.audits)
+            self.dead_lettered += len(commit.dead)
+        return entries
 
     async def _wait_for_items(self) -> None:
         # BLMOVE from the list onto itself, head to head, waits for an item
-        # without taking it; the next TAKE moves it atomically.
+        # without taking it; the next step moves it atomically.
         block = self.settings.redis_block_timeout
         try:
             await _first(
@@ -188,7 +241,8 @@ class RedisConsumer:
             logger.warning("redis blocking wait failed (%r); reconnecting", exc)
             await asyncio.sleep(1)
 
-    async def _deliver(self, entries: list[bytes]) -> None:
+    async def _publish(self, entries: list[bytes]) -> "Commit | None":
+        """Publish a batch to NATS; what committing it will take, or None."""
         items = []
         for entry in entries:
             message_id, _, raw = entry.partition(b"\n")
@@ -203,23 +257,11 @@ class RedisConsumer:
                 self._past_stop_deadline,
             )
             if published is None and self._past_stop_deadline():
-                return  # left on the processing list; given back at shutdown
-
-        async def commit():
-            pipe = self.redis.pipeline(transaction=True)
-            if messages:
-                pipe.rpush(self.settings.log_list, *[audit_entry(m) for m in messages])
-            if dead:
-                pipe.rpush(self.settings.dead_list, *dead)
-            pipe.ltrim(self.processing, len(entries), -1)
-            return await pipe.execute()
-
-        done = await retry(
-            commit, "writing the audit log", logger, self._past_stop_deadline
+                return None
+        first_line = entries[0][: entries[0].index(b"\n") + 1]
+        return Commit(
+            first_line, len(entries), [audit_entry(m) for m in messages], dead
         )
-        if done is not None:
-            self.delivered += len(messages)
-            self.dead_lettered += len(dead)
 
     def _past_stop_deadline(self) -> bool:
         if not self.stopping.is_set():

@@ -14,7 +14,9 @@ from common.message import Message
 @given(
     message_id=st.text(min_size=1, max_size=20),
     topic=st.text(min_size=1, max_size=20),
-    body=st.dictionaries(st.text(max_size=5), st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5)),
+    body=st.dictionaries(
+        st.text(max_size=5), st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5)
+    ),
     stamp=st.floats(min_value=0, max_value=4e9),
 )
 def test_audit_entry_is_the_json_it_describes(message_id, topic, body, stamp):
