@@ -329,7 +329,8 @@ SETTINGS: tuple[Setting, ...] = (
         "bytes",
         "1048576",
         _integer(64, 64 * 1024 * 1024),
-        "Largest message accepted (an HTTP body, a frame, a list item).",
+        "Largest message accepted (an HTTP body or one message of a bulk "
+        "request, a frame, a list item).",
     ),
     Setting(
         "max_bulk_messages",
