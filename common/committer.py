@@ -86,9 +86,9 @@ class Committer:
             raise ShuttingDown("the gateway is shutting down; send it again later")
         if len(self._queue) + len(messages) > self.settings.max_pending:
             raise Overloaded(
-                f"{len(self._queue)} messages are waiting for the brokers and "
-                f"{len(messages)} more would pass FANOUT_MAX_PENDING; "
-                "send them again later"
+                f"{len(self._queue)} messages are waiting for the brokers; "
+                f"{len(messages)} more would exceed FANOUT_MAX_PENDING "
+                f"({self.settings.max_pending}); send them again later"
             )
         loop = asyncio.get_running_loop()
         deadline = self.clock() + self.settings.publish_timeout

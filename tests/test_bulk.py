@@ -267,6 +267,29 @@ def test_broker_trouble_is_retryable_per_message(launch, brokers):
     assert "retryable" not in bad
 
 
+def test_no_room_for_the_whole_request_queues_none(launch, subscriber):
+    """Past FANOUT_MAX_PENDING no message of the request is queued; all retryable."""
+    gateway = launch.start("fanout-http", FANOUT_MAX_PENDING="5")
+    url = f"http://127.0.0.1:{gateway.port}/MESSAGES"
+    response = post(url, b"\n".join([ONE] * 6), NDJSON)
+
+    assert response.status_code == 200
+    assert (
+        response.json()["results"]
+        == [
+            {
+                "status": "error",
+                "error": "0 messages are waiting for the brokers; 6 more would exceed "
+                "FANOUT_MAX_PENDING (5); send them again later",
+                "retryable": True,
+            }
+        ]
+        * 6
+    )
+    assert post(url, b"\n".join([ONE] * 5), NDJSON).status_code == 200
+    assert len(subscriber.wait_for(5)) == 5
+
+
 def test_hundred_messages_per_request_all_delivered(http, subscriber, rdb):
     """100 envelopes per request, as JSON and as NDJSON: all delivered, in order."""
     sent = texts(200, "internal.many")
