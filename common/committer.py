@@ -76,6 +76,30 @@ class Committer:
         self._wakeup.set()
         return waiter
 
+    def submit_all(self, messages: list[Message]) -> list[asyncio.Future | None]:
+        """Queue ``messages`` in order, all or none; one waiter each.
+
+        The messages sit next to each other in the queue, so they are
+        committed in as few batches as ``batch_size`` allows.
+        """
+        if self._closing:
+            raise ShuttingDown("the gateway is shutting down; send it again later")
+        if len(self._queue) + len(messages) > self.settings.max_pending:
+            raise Overloaded(
+                f"{len(self._queue)} messages are waiting for the brokers; "
+                f"{len(messages)} more would exceed FANOUT_MAX_PENDING "
+                f"({self.settings.max_pending}); send them again later"
+            )
+        loop = asyncio.get_running_loop()
+        deadline = self.clock() + self.settings.publish_timeout
+        waiters = []
+        for message in messages:
+            waiter = loop.create_future() if self.confirm else None
+            self._queue.append((message, waiter, deadline))
+            waiters.append(waiter)
+        self._wakeup.set()
+        return waiters
+
     async def accept(self, message: Message) -> None:
         """Queue ``message`` and wait for its confirmation (or its failure)."""
         waiter = self.submit(message)

@@ -45,5 +45,11 @@ class MessageTooLarge(RejectedError):
     http_status = 413
 
 
+class BulkTooLarge(RejectedError):
+    """A bulk request holds more envelopes, or more bytes, than allowed."""
+
+    http_status = 413
+
+
 class ConfigError(FanoutError):
     """A setting has a value the process cannot start with."""

@@ -9,7 +9,8 @@ Two shapes are understood:
 
 * the *envelope* ``{"message": <text or object>, "id": <optional>}``, the
   HTTP body of the original protocol description, where ``message`` is the
-  JSON text of an object (or the object itself);
+  JSON text of an object (or the object itself); a bulk HTTP request carries
+  many envelopes, as a JSON array or as NDJSON lines (:func:`ndjson_lines`);
 * the *bare* message object ``{"topic": ..., ...}``, what WebSocket frames,
   Redis list items and NATS ingress messages usually carry.
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from common.errors import MessageTooLarge, RejectedError
+from common.errors import BulkTooLarge, MessageTooLarge, RejectedError
 from common.policy import Pattern, TopicPolicy
 
 MAX_DEPTH = 1024  # nesting levels; orjson's own limit, refused beyond it
@@ -127,6 +128,26 @@ def _loads(data: bytes | str, what: str) -> object:
         raise RejectedError(f"{what} is not valid JSON: {reason}") from None
 
 
+def ndjson_lines(body: bytes) -> list[tuple[int, bytes]]:
+    """The non-blank lines of an NDJSON body, each with its 1-based number.
+
+    Lines end with LF; a CR before it is JSON whitespace, so CRLF works too.
+    """
+    return [
+        (number, line)
+        for number, line in enumerate(body.split(b"\n"), 1)
+        if line.strip(b" \t\r")
+    ]
+
+
+def _check_count(count: int, max_count: int) -> None:
+    if count > max_count:
+        raise BulkTooLarge(
+            f"request holds {count} envelopes; the limit is {max_count} "
+            "(FANOUT_MAX_BULK_MESSAGES)"
+        )
+
+
 def _check_id(value: object) -> str | None:
     if value is None:
         return None
@@ -186,10 +207,80 @@ class Parser:
         document = _loads(body, "request body")
         if not isinstance(document, dict):
             raise RejectedError(
-                'request body must be a JSON object with a "message" field, '
-                f"not {describe(document)}"
+                'request body must be a JSON object with a "message" field '
+                f"or an array of them, not {describe(document)}"
             )
         return self._from_envelope(document, None, token_patterns)
+
+    def item(
+        self, document: object, token_patterns: tuple[Pattern, ...] = ()
+    ) -> Message:
+        """One envelope of a bulk request, already decoded with the body."""
+        if not isinstance(document, dict):
+            raise RejectedError(
+                'envelope must be a JSON object with a "message" field, '
+                f"not {describe(document)}"
+            )
+        return self._from_envelope(document, None, token_patterns, "envelope")
+
+    def array(
+        self,
+        body: bytes,
+        max_count: int,
+        token_patterns: tuple[Pattern, ...] = (),
+    ) -> list[Message | RejectedError]:
+        """A bulk JSON body: an array of envelopes, one outcome each, in order.
+
+        Only a body that is not an array at all, an empty one or one with
+        more than ``max_count`` envelopes is refused whole.
+        """
+        documents = _loads(body, "request body")
+        if not isinstance(documents, list):
+            raise RejectedError(
+                f"request body must be a JSON array of envelopes, not "
+                f"{describe(documents)}"
+            )
+        if not documents:
+            raise RejectedError(
+                "request body is an empty array; send at least one envelope"
+            )
+        _check_count(len(documents), max_count)
+        outcomes: list[Message | RejectedError] = []
+        for document in documents:
+            try:
+                outcomes.append(self.item(document, token_patterns))
+            except RejectedError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def ndjson(
+        self,
+        body: bytes,
+        max_count: int,
+        token_patterns: tuple[Pattern, ...] = (),
+    ) -> list[Message | RejectedError]:
+        """A bulk NDJSON body: one envelope a line, one outcome each, in order.
+
+        A line that is not valid JSON is that line's error only; blank lines
+        are skipped and get no outcome.
+        """
+        lines = ndjson_lines(body)
+        if not lines:
+            raise RejectedError(
+                "request body has no envelope; send one JSON envelope per line"
+            )
+
+        # Counted before any line is decoded, so an oversized request costs
+        # no parsing.
+        _check_count(len(lines), max_count)
+        outcomes: list[Message | RejectedError] = []
+        for number, line in lines:
+            try:
+                document = _loads(line, f"line {number}")
+                outcomes.append(self.item(document, token_patterns))
+            except RejectedError as exc:
+                outcomes.append(exc)
+        return outcomes
 
     def bare(
         self,
@@ -218,9 +309,10 @@ class Parser:
         document: dict,
         default_id: str | None,
         token_patterns: tuple[Pattern, ...],
+        what: str = "request body",
     ) -> Message:
         if "message" not in document:
-            raise RejectedError('request body has no "message" field')
+            raise RejectedError(f'{what} has no "message" field')
         message_id = _check_id(document.get("id")) or default_id
         inner = document["message"]
         if isinstance(inner, str):
@@ -229,6 +321,9 @@ class Parser:
                     '"message" is an empty string; it must hold a JSON object'
                 )
             payload = inner.encode()
+            # The payload is what NATS receives. A single body was measured
+            # whole already; an envelope of a bulk request was not.
+            self.check_size(len(payload))
             parsed = _loads(payload, '"message"')
             if not isinstance(parsed, dict):
                 raise RejectedError(
@@ -237,6 +332,9 @@ class Parser:
             return self._accept(parsed, payload, message_id, token_patterns)
         if isinstance(inner, dict):
             payload = orjson.dumps(inner)
+            # Not always shorter than the text it came from: 1e5 becomes
+            # 100000.0.
+            self.check_size(len(payload))
             return self._accept(inner, payload, message_id, token_patterns)
         raise RejectedError(
             '"message" must be a JSON object or a string holding one, '

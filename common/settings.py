@@ -329,7 +329,26 @@ SETTINGS: tuple[Setting, ...] = (
         "bytes",
         "1048576",
         _integer(64, 64 * 1024 * 1024),
-        "Largest message accepted (an HTTP body, a frame, a list item).",
+        "Largest message accepted (an HTTP body or one message of a bulk "
+        "request, a frame, a list item).",
+    ),
+    Setting(
+        "max_bulk_messages",
+        "FANOUT_MAX_BULK_MESSAGES",
+        "integer",
+        "1000",
+        _integer(1, 100_000),
+        "Most messages one bulk HTTP request (JSON array or NDJSON) may carry; "
+        "beyond it the request gets 413.",
+    ),
+    Setting(
+        "max_bulk_bytes",
+        "FANOUT_MAX_BULK_BYTES",
+        "bytes",
+        "16777216",
+        _integer(64, 256 * 1024 * 1024),
+        "Largest bulk HTTP request body; each message in it is still held to "
+        "FANOUT_MAX_MESSAGE_BYTES.",
     ),
     Setting(
         "redis_block_timeout",

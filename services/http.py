@@ -1,5 +1,9 @@
 """The HTTP ingress: ``POST /MESSAGES``, Falcon's ASGI app under gunicorn.
 
+A POST carries one envelope, or many (a bulk request: a JSON array, or
+NDJSON with one envelope a line). A bulk request gets 200 and one result
+per envelope, in order; its accepted messages are committed together.
+
 Each gunicorn worker is its own process with its own NATS connection, Redis
 pool and committer, set up at ASGI lifespan startup. Startup does not wait
 for the brokers: until they answer, messages wait up to the publish timeout
@@ -17,8 +21,8 @@ from common import logs
 from common import settings as settings_module
 from common.brokers import NatsLink, redis_client, wait_for_redis
 from common.committer import Committer
-from common.errors import RejectedError, RetryableError
-from common.message import Parser
+from common.errors import BulkTooLarge, FanoutError, RejectedError, RetryableError
+from common.message import Message, Parser
 from common.policy import TopicPolicy
 from common.settings import Settings
 from common.tokens import Tokens, bearer
@@ -26,14 +30,38 @@ from common.tokens import Tokens, bearer
 logger = logging.getLogger("fanout.http")
 
 JSON = "application/json"
+NDJSON = "application/x-ndjson"
+# Bytes read before choosing a body's limit: only a JSON array may be larger
+# than one message.
+PEEK = 4096
 
 
 def _error_body(text: str) -> bytes:
     return orjson.dumps({"status": "error", "error": text})
 
 
+def _result(outcome: Message | FanoutError) -> dict:
+    """What a client is told about one message, as the WebSocket answers it."""
+    if isinstance(outcome, Message):
+        return {"status": "accepted", "id": outcome.id, "topic": outcome.topic}
+    result: dict[str, object] = {"status": "error", "error": str(outcome)}
+    if isinstance(outcome, RetryableError):
+        result["retryable"] = True
+    return result
+
+
+def _media_type(req: falcon.asgi.Request) -> str:
+    media_type = (req.content_type or "").split(";", 1)[0].strip().lower()
+    if media_type not in (JSON, NDJSON):
+        given = media_type or "missing"
+        raise falcon.HTTPUnsupportedMediaType(
+            description=f"Content-Type must be {JSON} or {NDJSON}, not {given}"
+        )
+    return media_type
+
+
 class MessagesResource:
-    """``/MESSAGES``: one message per POST."""
+    """``/MESSAGES``: one message per POST, or many in a bulk request."""
 
     def __init__(self, settings: Settings, gateway: "Gateway"):
         self.settings = settings
@@ -48,20 +76,63 @@ class MessagesResource:
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response):
         patterns = self._authorize(req)
-        media_type = (req.content_type or "").split(";", 1)[0].strip().lower()
-        if media_type != JSON:
-            given = media_type or "missing"
-            raise falcon.HTTPUnsupportedMediaType(
-                description=f"Content-Type must be {JSON}, not {given}"
-            )
-        body = await self._read_body(req)
-        message = self.parser.envelope(body, patterns)
-        await self.gateway.committer.accept(message)
-        resp.status = falcon.HTTP_202
+        media_type = _media_type(req)
+        body, bulk = await self._read_body(req, media_type)
         resp.content_type = JSON
-        resp.data = orjson.dumps(
-            {"status": "accepted", "id": message.id, "topic": message.topic}
-        )
+        if not bulk:
+            message = self.parser.envelope(body, patterns)
+            await self.gateway.committer.accept(message)
+            resp.status = falcon.HTTP_202
+            resp.data = orjson.dumps(_result(message))
+            return
+
+        max_count = self.settings.max_bulk_messages
+        if media_type == NDJSON:
+            outcomes = self.parser.ndjson(body, max_count, patterns)
+        else:
+            outcomes = self.parser.array(body, max_count, patterns)
+        self._log_refusals(req, outcomes)
+        outcomes = await self._commit_all(outcomes)
+        resp.status = falcon.HTTP_200
+        resp.data = orjson.dumps({"results": [_result(o) for o in outcomes]})
+
+    async def _commit_all(
+        self, outcomes: list[Message | RejectedError]
+    ) -> list[Message | FanoutError]:
+        """Submit the accepted messages together and wait for all of them.
+
+        A message that the brokers did not confirm is replaced by the reason.
+        """
+        messages = [o for o in outcomes if isinstance(o, Message)]
+        if not messages:
+            return list(outcomes)
+        try:
+            waiters = self.gateway.committer.submit_all(messages)
+        except RetryableError as exc:
+            failures: list = [exc] * len(messages)
+        else:
+            failures = await _wait_all(waiters)
+
+        # Put each failure back in the place of its message.
+        failed = iter(failures)
+        merged: list[Message | FanoutError] = []
+        for outcome in outcomes:
+            if isinstance(outcome, Message):
+                failure = next(failed)
+                outcome = outcome if failure is None else failure
+            merged.append(outcome)
+        return merged
+
+    def _log_refusals(self, req, outcomes: list[Message | RejectedError]) -> None:
+        refused = [o for o in outcomes if isinstance(o, RejectedError)]
+        if refused:
+            _refusals.warning(
+                "refused %d of %d messages in a bulk request from %s; first: %s",
+                len(refused),
+                len(outcomes),
+                req.remote_addr,
+                refused[0],
+            )
 
     def _authorize(self, req: falcon.asgi.Request) -> tuple:
         """The token's topic patterns; 401 when a token is needed and not given.
@@ -79,29 +150,53 @@ class MessagesResource:
             )
         return token.patterns
 
-    async def _read_body(self, req: falcon.asgi.Request) -> bytes:
-        # The parser's limit may have been lowered to the NATS server's
-        # max_payload since startup.
-        limit = self.parser.max_bytes
-        if req.content_length is not None:
-            self.parser.check_size(req.content_length)
+    async def _read_body(
+        self, req: falcon.asgi.Request, media_type: str
+    ) -> tuple[bytes, bool]:
+        """The body, and whether it is a bulk request; 413 past its limit.
 
-        # Read one byte past the limit so a chunked body without a length is
-        # cut off there instead of being read whole; a client that trickles
-        # its body is cut off after the body timeout.
+        A client that trickles its body is cut off after the body timeout.
+        """
+        timeout = self.settings.http_body_timeout
         try:
-            body = await asyncio.wait_for(
-                req.stream.read(limit + 1), self.settings.http_body_timeout
-            )
+            return await asyncio.wait_for(self._read_limited(req, media_type), timeout)
         except TimeoutError:
             raise falcon.HTTPError(
                 falcon.HTTP_408,
                 headers={"Connection": "close"},
                 description=f"the request body did not arrive within "
-                f"{self.settings.http_body_timeout:g} s (FANOUT_HTTP_BODY_TIMEOUT)",
+                f"{timeout:g} s (FANOUT_HTTP_BODY_TIMEOUT)",
             ) from None
-        self.parser.check_size(len(body))
-        return body
+
+    async def _read_limited(
+        self, req: falcon.asgi.Request, media_type: str
+    ) -> tuple[bytes, bool]:
+        head = b""
+        bulk = media_type == NDJSON
+        if not bulk:
+            head = await req.stream.read(PEEK)
+            bulk = head.lstrip(b" \t\r\n").startswith(b"[")
+
+        # The parser's limit may have been lowered to the NATS server's
+        # max_payload since startup.
+        limit = self.settings.max_bulk_bytes if bulk else self.parser.max_bytes
+        check = self._check_bulk_size if bulk else self.parser.check_size
+        if req.content_length is not None:
+            check(req.content_length)
+
+        # Read one byte past the limit so a chunked body without a length is
+        # cut off there instead of being read whole.
+        body = head + await req.stream.read(limit + 1 - len(head))
+        check(len(body))
+        return body, bulk
+
+    def _check_bulk_size(self, size: int) -> None:
+        limit = self.settings.max_bulk_bytes
+        if size > limit:
+            raise BulkTooLarge(
+                f"request body is {size} bytes; the limit for a bulk request is "
+                f"{limit} bytes (FANOUT_MAX_BULK_BYTES)"
+            )
 
 
 class Gateway:
@@ -146,6 +241,26 @@ class Gateway:
 
 
 _refusals = logs.RateLimited(logger)
+
+
+async def _wait_all(
+    waiters: list[asyncio.Future | None],
+) -> list[RetryableError | None]:
+    """Each waiter's failure, or None once its message is confirmed.
+
+    A waiter is None when confirmation is off: accepted on receipt.
+    """
+    pending = [w for w in waiters if w is not None]
+    done = iter(await asyncio.gather(*pending, return_exceptions=True))
+    failures = []
+    for waiter in waiters:
+        outcome = None if waiter is None else next(done)
+        if isinstance(outcome, BaseException) and not isinstance(
+            outcome, RetryableError
+        ):
+            raise outcome
+        failures.append(outcome)
+    return failures
 
 
 async def _rejected(req, resp, exc: RejectedError, params) -> None:

@@ -72,7 +72,11 @@ REFUSALS = [
     ('{"message": "[1,2]"}', '"message" must hold a JSON object, not an array'),
     ('{"message": "{\\"data\\": 1}"}', 'message has no "topic" field'),
     ('{"message": "{\\"topic\\": 42}"}', '"topic" must be a string, not a number'),
-    ("[1]", 'request body must be a JSON object with a "message" field, not an array'),
+    (
+        '"text"',
+        'request body must be a JSON object with a "message" field or an array '
+        "of them, not a string",
+    ),
     (
         '{"message": 7}',
         '"message" must be a JSON object or a string holding one, not a number',
@@ -109,7 +113,8 @@ def test_wrong_content_type_is_415(http):
     assert response.status_code == 415
     assert response.json() == {
         "status": "error",
-        "error": "Content-Type must be application/json, not text/plain",
+        "error": "Content-Type must be application/json or application/x-ndjson, "
+        "not text/plain",
     }
 
 
