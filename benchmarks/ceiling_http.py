@@ -8,11 +8,10 @@ NATS publish and the audit write.
 
 import falcon
 import falcon.asgi
-from gunicorn.app.base import BaseApplication
 
 from common import logs
 from common import settings as settings_module
-from services.gunicorn_app import gunicorn_options
+from services.gunicorn_app import FanoutHttp, gunicorn_options
 
 ANSWER = b'{"status": "accepted"}'
 
@@ -31,25 +30,12 @@ def create_app() -> falcon.asgi.App:
     return app
 
 
-class CeilingHttp(BaseApplication):
-    def __init__(self, options: dict):
-        self.options = options
-        super().__init__()
-
-    def load_config(self) -> None:
-        for key, value in self.options.items():
-            self.cfg.set(key, value)
-
-    def load(self):
-        return create_app()
-
-
 def main() -> None:
     settings = settings_module.load_or_exit()
     logs.setup(settings.log_level)
     options = gunicorn_options(settings)
     options["proc_name"] = "bench-ceiling-http"
-    CeilingHttp(options).run()
+    FanoutHttp(options, create_app).run()
 
 
 if __name__ == "__main__":

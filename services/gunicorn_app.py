@@ -42,8 +42,11 @@ class FanoutWorker(UvicornWorker):
 
 
 class FanoutHttp(BaseApplication):
-    def __init__(self, options: dict):
+    """gunicorn with options from a dict and the app from ``load_app()``."""
+
+    def __init__(self, options: dict, load_app=None):
         self.options = options
+        self.load_app = load_app
         super().__init__()
 
     def load_config(self) -> None:
@@ -51,6 +54,8 @@ class FanoutHttp(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
+        if self.load_app is not None:
+            return self.load_app()
         from services.http import app_factory
 
         return app_factory()

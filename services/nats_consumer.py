@@ -17,7 +17,6 @@ from collections import deque
 import nats.errors
 
 from common import logs, runtime
-from common import settings as settings_module
 from common.audit import audit_entry
 from common.brokers import NatsLink, redis_client, wait_for_redis
 from common.consumer import retry, sort_batch
@@ -146,10 +145,8 @@ class NatsConsumer:
 
 def main() -> None:
     """``fanout-nats``."""
-    settings = settings_module.load_or_exit()
-    logs.setup(settings.log_level)
-    raise SystemExit(
-        runtime.run(lambda stopping: NatsConsumer(settings, stopping).run())
+    runtime.process_main(
+        lambda settings, stopping: NatsConsumer(settings, stopping).run()
     )
 
 

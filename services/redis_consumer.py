@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from common import logs, runtime
-from common import settings as settings_module
 from common.audit import audit_entry
 from common.brokers import NatsLink, redis_client, wait_for_redis
 from common.consumer import retry, sort_batch
@@ -349,10 +348,8 @@ async def _first(*aws) -> None:
 
 def main() -> None:
     """``fanout-redis``."""
-    settings = settings_module.load_or_exit()
-    logs.setup(settings.log_level)
-    raise SystemExit(
-        runtime.run(lambda stopping: RedisConsumer(settings, stopping).run())
+    runtime.process_main(
+        lambda settings, stopping: RedisConsumer(settings, stopping).run()
     )
 
 

@@ -17,7 +17,6 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request
 
 from common import logs, runtime
-from common import settings as settings_module
 from common.brokers import NatsLink, redis_client, wait_for_redis
 from common.committer import Committer
 from common.errors import (
@@ -295,10 +294,8 @@ class WsIngress:
 
 def main() -> None:
     """``fanout-ws``."""
-    settings = settings_module.load_or_exit()
-    logs.setup(settings.log_level)
-    raise SystemExit(
-        runtime.run(lambda stopping: WsIngress(settings, stopping).serve())
+    runtime.process_main(
+        lambda settings, stopping: WsIngress(settings, stopping).serve()
     )
 
 
