@@ -245,13 +245,7 @@ class Parser:
                 "request body is an empty array; send at least one envelope"
             )
         _check_count(len(documents), max_count)
-        outcomes: list[Message | RejectedError] = []
-        for document in documents:
-            try:
-                outcomes.append(self.item(document, token_patterns))
-            except RejectedError as exc:
-                outcomes.append(exc)
-        return outcomes
+        return self._outcomes(((d, None) for d in documents), token_patterns)
 
     def ndjson(
         self,
@@ -273,10 +267,18 @@ class Parser:
         # Counted before any line is decoded, so an oversized request costs
         # no parsing.
         _check_count(len(lines), max_count)
+        return self._outcomes(
+            ((line, f"line {number}") for number, line in lines), token_patterns
+        )
+
+    def _outcomes(self, items, token_patterns) -> list[Message | RejectedError]:
+        """Each ``(document or JSON line, what to call it)`` as a message or
+        as its refusal; a line is decoded first (``None``: already decoded)."""
         outcomes: list[Message | RejectedError] = []
-        for number, line in lines:
+        for document, line_name in items:
             try:
-                document = _loads(line, f"line {number}")
+                if line_name is not None:
+                    document = _loads(document, line_name)
                 outcomes.append(self.item(document, token_patterns))
             except RejectedError as exc:
                 outcomes.append(exc)
