@@ -33,6 +33,14 @@ def sort_batch(
         except RejectedError as exc:
             refusals.warning("dead-lettered %s item: %s", parser.ingress, exc)
             dead.append(dead_entry(raw, str(exc), parser.ingress, clock()))
+        except Exception as exc:  # noqa: BLE001 - one bad item must not jam the queue
+            # A bug, not the sender's fault: kept with the error so that it
+            # can be replayed once fixed, and the items behind it go on.
+            logging.getLogger(f"fanout.{parser.ingress}").exception(
+                "could not process a %s item; dead-lettered", parser.ingress
+            )
+            reason = f"internal error: {exc.__class__.__name__}: {exc}"
+            dead.append(dead_entry(raw, reason, parser.ingress, clock()))
     return messages, dead
 
 

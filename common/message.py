@@ -31,6 +31,7 @@ from common.errors import BulkTooLarge, MessageTooLarge, RejectedError
 from common.policy import Pattern, TopicPolicy
 
 MAX_DEPTH = 1024  # nesting levels; orjson's own limit, refused beyond it
+MAX_OBJECT_DEPTH = 254  # levels orjson can write back, for an object "message"
 MAX_TOPIC_LENGTH = 256  # characters
 MAX_ID_LENGTH = 128  # characters
 # What a published message carries besides its payload: the Nats-Msg-Id
@@ -125,6 +126,9 @@ def _loads(data: bytes | str, what: str) -> object:
         reason = str(exc)
         if "depth limit" in reason or "recursion" in reason:
             reason = f"nested deeper than {MAX_DEPTH} levels"
+        elif "not valid UTF-8" in reason:
+            # orjson says "surrogates not allowed" for any bad byte.
+            raise RejectedError(f"{what} is not valid UTF-8") from None
         raise RejectedError(f"{what} is not valid JSON: {reason}") from None
 
 
@@ -333,7 +337,15 @@ class Parser:
                 )
             return self._accept(parsed, payload, message_id, token_patterns)
         if isinstance(inner, dict):
-            payload = orjson.dumps(inner)
+            try:
+                payload = orjson.dumps(inner)
+            except TypeError:
+                # orjson writes at most MAX_OBJECT_DEPTH levels, fewer than it
+                # reads; the same message as JSON text is published unchanged.
+                raise RejectedError(
+                    f'"message" is nested deeper than {MAX_OBJECT_DEPTH} levels, '
+                    "the most an object message may have; send it as JSON text"
+                ) from None
             # Not always shorter than the text it came from: 1e5 becomes
             # 100000.0.
             self.check_size(len(payload))

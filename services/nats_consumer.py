@@ -46,11 +46,14 @@ class NatsConsumer:
         self.redis = redis_client(settings)
         self.inbox: deque[tuple[None, bytes]] = deque()
         self.arrived = asyncio.Event()
+        self.received = 0
         self.delivered = 0
         self.dead_lettered = 0
+        self.failed = False
 
     async def _on_message(self, msg) -> None:
         self.inbox.append((None, msg.data))
+        self.received += 1
         self.arrived.set()
 
     async def run(self) -> int:
@@ -75,9 +78,19 @@ class NatsConsumer:
             QUEUE_GROUP,
         )
         worker_task = asyncio.create_task(self._work(), name="nats-worker")
+        worker_task.add_done_callback(self._worker_ended)
         await self.stopping.wait()
         await self._shutdown(subscription, worker_task)
-        return 0
+        return 1 if self.failed else 0
+
+    def _worker_ended(self, task: asyncio.Task) -> None:
+        # The worker only ends by cancellation; anything else is a bug, and
+        # a consumer that no longer delivers must not look alive: stop, exit
+        # non-zero, and let the supervisor start a fresh one.
+        if not task.cancelled() and task.exception() is not None:
+            logger.critical("nats worker died", exc_info=task.exception())
+            self.failed = True
+            self.stopping.set()
 
     async def _work(self) -> None:
         while True:
@@ -137,7 +150,8 @@ class NatsConsumer:
         await self.nats.close()
         await self.redis.aclose()
         logger.info(
-            "nats consumer stopped: %d delivered, %d dead-lettered",
+            "nats consumer stopped: %d received, %d delivered, %d dead-lettered",
+            self.received,
             self.delivered,
             self.dead_lettered,
         )

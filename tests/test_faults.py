@@ -17,11 +17,21 @@ import pytest
 from tests.support import Subscriber, free_port, nats_server, wait_until
 from tests.traffic import Traffic, keys_with_ids
 
+# What a sender may be told while NATS is away: each says to try again.
+RETRYABLE_NATS = {
+    "nats did not confirm the message (FlushTimeoutError)",
+    "nats is unreachable",
+    "timed out waiting for the brokers",
+    "nats connection dropped before the message was confirmed",
+}
 
-def assert_delivered(traffic: Traffic, seen: dict[str, set[str]]) -> None:
+
+def assert_delivered(
+    traffic: Traffic, seen: dict[str, set[str]], exempt=lambda key: False
+) -> None:
     """Every acknowledged key arrived; duplicates only with one id."""
     for ingress, acked in traffic.acked.items():
-        missing = sorted(acked - seen.keys())
+        missing = sorted(k for k in acked - seen.keys() if not exempt(k))
         when = [round(traffic.acked_at[k] - traffic.started_at, 3) for k in missing]
         assert not missing, (
             f"{ingress}: {len(missing)} acknowledged, not delivered: {missing} "
@@ -32,8 +42,10 @@ def assert_delivered(traffic: Traffic, seen: dict[str, set[str]]) -> None:
         assert len(ids) == 1, f"{key} arrived with different ids {ids}"
 
 
-def wait_delivered(sub: Subscriber, traffic: Traffic, timeout: float = 30.0):
-    wanted = set().union(*traffic.acked.values())
+def wait_delivered(
+    sub: Subscriber, traffic: Traffic, timeout: float = 30.0, exempt=lambda k: False
+):
+    wanted = {k for k in set().union(*traffic.acked.values()) if not exempt(k)}
     wait_until(
         lambda: wanted <= keys_with_ids(sub.received("internal.load")).keys(),
         timeout=timeout,
@@ -73,7 +85,8 @@ def test_frozen_nats_refuses_then_recovers(three_ingresses, brokers, subscriber,
     seen = wait_delivered(subscriber, traffic)
     assert_delivered(traffic, seen)
     assert traffic.refused["http"], "no HTTP request was refused while NATS froze"
-    assert all("nats" in reason for _, reason in traffic.refused["http"])
+    reasons = {reason for _, reason in traffic.refused["http"]}
+    assert reasons <= RETRYABLE_NATS, reasons
     assert traffic.acked["redis"] and traffic.acked["http"] and traffic.acked["ws"]
     logged = {
         orjson.loads(e)["message"]["k"] for e in rdb.lrange("MESSAGES:log", 0, -1)
@@ -199,7 +212,14 @@ def connected_port(gateway) -> int:
 
 
 def test_cluster_node_loss_fails_over(launch, tmp_path, brokers, rdb, spare_servers):
-    """The node the gateway uses stops under load; traffic goes on elsewhere."""
+    """The node the gateway uses is killed under load; traffic goes on elsewhere.
+
+    The gateway acknowledges what the node confirmed. A node killed with -9
+    loses what it had confirmed but not yet written to its routes, which is
+    core NATS's at-most-once and not the gateway's: so the acknowledgements
+    that reached the gateway within 0.1 s of the kill are not held to
+    delivery. Everything acknowledged before and after that is.
+    """
     servers = cluster(tmp_path, spare_servers)
     urls = ",".join(f"nats://127.0.0.1:{s.port}" for s in servers)
     env = {"FANOUT_NATS_URL": urls, "FANOUT_PUBLISH_TIMEOUT": "3"}
@@ -218,14 +238,21 @@ def test_cluster_node_loss_fails_over(launch, tmp_path, brokers, rdb, spare_serv
             seconds=7,
         ).start()
         time.sleep(2)
-        victim.stop()
+        killed_at = time.monotonic()
+        traffic.mark("kill")
+        victim.kill()
         traffic.join()
-        seen = wait_delivered(sub, traffic)
+
+        def in_flight_at_the_kill(key: str) -> bool:
+            return abs(traffic.acked_at[key] - killed_at) < 0.1
+
+        seen = wait_delivered(sub, traffic, exempt=in_flight_at_the_kill)
     finally:
         sub.close()
 
-    assert_delivered(traffic, seen)
+    assert_delivered(traffic, seen, exempt=in_flight_at_the_kill)
     assert "nats reconnected" in http.output()
     # Traffic went on after the node was gone.
-    assert len(traffic.acked["http"]) > 50
+    after = [k for k in traffic.acked["http"] if traffic.acked_at[k] > killed_at + 0.5]
+    assert len(after) > 50
     assert wait_until(lambda: len(rdb.lrange("MESSAGES:log", 0, -1)) > 0)

@@ -134,3 +134,20 @@ def test_other_methods_are_405_and_other_paths_404(http):
     assert missing.json()["error"] == (
         "no such resource: /other; messages go to POST /MESSAGES"
     )
+
+
+DEEP = b"[" * 260 + b"]" * 260
+
+
+def test_deeply_nested_object_message_is_refused_not_crashed(http, subscriber):
+    """An object "message" too deep to write back is a 400, not a 500."""
+    body = b'{"message": {"topic": "internal.deep", "v": ' + DEEP + b"}}"
+    response = post(http, body)
+
+    assert response.status_code == 400
+    assert response.json()["error"] == (
+        '"message" is nested deeper than 254 levels, the most an object message '
+        "may have; send it as JSON text"
+    )
+    assert post(http, '{"message": {"topic": "internal.next"}}').status_code == 202
+    assert [m.subject for m in subscriber.wait_for(1)] == ["internal.next"]

@@ -89,4 +89,4 @@ def test_two_consumers_deliver_each_message_once(launch, brokers, subscriber, rd
     first.stop()
     second.stop()
     for gateway in (first, second):
-        assert "nats consumer stopped: 0 delivered" not in gateway.output()
+        assert "nats consumer stopped: 0 received" not in gateway.output()

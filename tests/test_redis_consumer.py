@@ -38,8 +38,15 @@ DEAD = [
     ),
     (
         b"\xff\xfe",
-        "message is not valid JSON: str is not valid UTF-8: surrogates not "
-        "allowed: line 1 column 1 (char 0)",
+        "message is not valid UTF-8",
+    ),
+    (
+        b'{"message": {"topic": "internal.deep", "v": '
+        + b"[" * 260
+        + b"]" * 260
+        + b"}}",
+        '"message" is nested deeper than 254 levels, the most an object message '
+        "may have; send it as JSON text",
     ),
 ]
 
