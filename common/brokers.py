@@ -50,6 +50,7 @@ class NatsLink:
         self.logger = logger
         self.nc = NatsClient()
         self.connected = asyncio.Event()
+        self._closing = False
         self._servers = ", ".join(redact_url(u) for u in settings.nats_urls)
         self._auth_refused = False
 
@@ -101,6 +102,9 @@ class NatsLink:
         return redact_url(url.geturl()) if url else "?"
 
     async def _disconnected(self) -> None:
+        if self._closing:
+            self.connected.clear()
+            return
         if self.connected.is_set():
             self.connected.clear()
             self.logger.warning("nats disconnected; reconnecting")
@@ -156,14 +160,22 @@ class NatsLink:
             )
 
     async def close(self) -> None:
-        """Send what is buffered, then close."""
+        """Send what is buffered, then close; never raises.
+
+        At shutdown the server may already be gone (an embedded broker is
+        stopped by the same supervisor); that is logged, not crashed on.
+        """
+        self._closing = True
         if self.nc.is_connected:
             try:
                 await self.nc.flush(timeout=2)
             except (TimeoutError, nats.errors.Error):
                 self.logger.warning("nats flush at close timed out")
         if not self.nc.is_closed:
-            await self.nc.close()
+            try:
+                await self.nc.close()
+            except Exception as exc:  # noqa: BLE001 - closing: nothing left to save
+                self.logger.warning("nats close: %r", exc)
 
 
 def nats_credentials(settings: Settings) -> dict[str, Any]:

@@ -7,13 +7,18 @@ shorter than gunicorn's graceful timeout, which is shorter than
 supervisord's ``stopwaitsecs`` (30 s).
 """
 
+import ctypes
 import math
+import os
+import signal
 
 from gunicorn.app.base import BaseApplication
 from uvicorn_worker import UvicornWorker
 
 from common import logs
 from common import settings as settings_module
+
+PR_SET_PDEATHSIG = 1  # from linux/prctl.h
 
 
 class FanoutWorker(UvicornWorker):
@@ -39,6 +44,26 @@ class FanoutWorker(UvicornWorker):
             "timeout_graceful_shutdown": settings.shutdown_timeout / 2,  # seconds
         }
         super().__init__(*args, **kwargs)
+
+    def init_process(self) -> None:
+        _die_with_parent()
+        super().init_process()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send this worker TERM when the gunicorn master dies.
+
+    A master killed with -9 would otherwise leave its workers serving on the
+    port, outside any supervisor, and the master started in its place could
+    never bind it.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return
+    if os.getppid() == 1:  # the master died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class FanoutHttp(BaseApplication):

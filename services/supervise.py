@@ -8,12 +8,14 @@ itself with ``supervisord -n`` in the foreground: Ctrl-C stops everything.
 """
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 from common import settings as settings_module
 
 ROOT = Path(__file__).resolve().parent.parent
+GATEWAYS = ("fanout-http", "fanout-ws", "fanout-redis:*", "fanout-nats:*")
 USAGE = "usage: fanout run | fanout start | fanout ctl SUPERVISORCTL-ARGS"
 
 
@@ -51,6 +53,10 @@ def main() -> None:
     conf = str(config_path())
     if args[0] == "ctl":
         command = [str(bin_dir / "supervisorctl"), "-c", conf, *args[1:]]
+        if args[1:] == ["stop", "all"]:
+            # supervisorctl stops "all" in start order, brokers first; stop
+            # the gateway processes first so that they can still flush.
+            subprocess.run([*command[:-1], *GATEWAYS], env=env, check=False)
     else:
         command = [str(bin_dir / "supervisord"), "-c", conf]
         if args[0] == "run":

@@ -8,6 +8,7 @@ frames; past that it stops reading until answers go out (backpressure).
 
 import asyncio
 import logging
+import os
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
@@ -239,6 +240,27 @@ class WsIngress:
 
     async def serve(self) -> int:
         host, port = self.settings.ws_bind
+        # Listen first: a busy port is one clear line and exit 1, before
+        # anything else was started.
+        try:
+            server = await serve(
+                self.handle,
+                host,
+                port,
+                process_request=self.process_request,
+                max_size=self.settings.max_message_bytes * HARD_CAP_FACTOR,
+                compression="deflate" if self.settings.ws_compression else None,
+                ping_interval=self.settings.ws_ping_interval,
+                ping_timeout=self.settings.ws_ping_interval,
+                close_timeout=CLOSE_TIMEOUT,
+                open_timeout=OPEN_TIMEOUT,
+                server_header=None,
+            )
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            logger.error("cannot listen on %s:%d: %s", host, port, reason.lower())
+            await self.redis.aclose()
+            return 1
         self.committer.start()
         connect_tasks = [
             asyncio.create_task(self._connect_nats()),
@@ -248,19 +270,6 @@ class WsIngress:
                 )
             ),
         ]
-        server = await serve(
-            self.handle,
-            host,
-            port,
-            process_request=self.process_request,
-            max_size=self.settings.max_message_bytes * HARD_CAP_FACTOR,
-            compression="deflate" if self.settings.ws_compression else None,
-            ping_interval=self.settings.ws_ping_interval,
-            ping_timeout=self.settings.ws_ping_interval,
-            close_timeout=CLOSE_TIMEOUT,
-            open_timeout=OPEN_TIMEOUT,
-            server_header=None,
-        )
         logger.info("ws ingress listening on %s:%d%s", host, port, PATH)
         await self.stopping.wait()
         await self._shutdown(server, connect_tasks)

@@ -1,12 +1,14 @@
 """The HTTP ingress, driven with requests as in the protocol description."""
 
 import json
+import os
+import signal
 
 import orjson
 import pytest
 import requests
 
-from tests.support import audit_log
+from tests.support import audit_log, port_is_free, wait_until
 
 
 @pytest.fixture
@@ -151,3 +153,25 @@ def test_deeply_nested_object_message_is_refused_not_crashed(http, subscriber):
     )
     assert post(http, '{"message": {"topic": "internal.next"}}').status_code == 202
     assert [m.subject for m in subscriber.wait_for(1)] == ["internal.next"]
+
+
+def test_workers_stop_when_the_master_is_killed(launch):
+    """kill -9 of the gunicorn master leaves no worker holding the port."""
+    gateway = launch.start("fanout-http")
+    children = open(f"/proc/{gateway.proc.pid}/task/{gateway.proc.pid}/children")
+    workers = [int(pid) for pid in children.read().split()]
+    children.close()
+    assert workers
+
+    os.kill(gateway.proc.pid, signal.SIGKILL)
+    gateway.proc.wait(5)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+    assert wait_until(lambda: all(gone(pid) for pid in workers), timeout=20)
+    assert wait_until(lambda: port_is_free(gateway.port), timeout=10)

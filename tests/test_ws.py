@@ -112,3 +112,16 @@ def test_handshake_on_other_path_is_404(ws_url):
     with pytest.raises(websocket.WebSocketBadStatusException) as caught:
         client.connect(ws_url.replace("/MESSAGES", "/other"), timeout=10)
     assert caught.value.status_code == 404
+
+
+def test_busy_port_is_one_line_and_exit_1(launch):
+    """A WebSocket port already taken ends the process with one clear line."""
+    first = launch.start("fanout-ws")
+    second = launch.start(
+        "fanout-ws", ready=False, FANOUT_WS_BIND=f"127.0.0.1:{first.port}"
+    )
+    assert second.proc.wait(15) == 1
+    assert f"cannot listen on 127.0.0.1:{first.port}: address already in use" in (
+        second.output().lower()
+    )
+    assert "Traceback" not in second.output()
