@@ -21,7 +21,13 @@ from common import logs
 from common import settings as settings_module
 from common.brokers import NatsLink, redis_client, wait_for_redis
 from common.committer import Committer
-from common.errors import BulkTooLarge, FanoutError, RejectedError, RetryableError
+from common.errors import (
+    BulkTooLarge,
+    FanoutError,
+    MessageTooLarge,
+    RejectedError,
+    RetryableError,
+)
 from common.message import Message, Parser
 from common.policy import TopicPolicy
 from common.settings import Settings
@@ -77,6 +83,12 @@ class MessagesResource:
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response):
         patterns = self._authorize(req)
         media_type = _media_type(req)
+        encoding = req.get_header("Content-Encoding")
+        if encoding and encoding.strip().lower() != "identity":
+            raise falcon.HTTPUnsupportedMediaType(
+                description=f"Content-Encoding {encoding} is not supported; "
+                "send the body uncompressed"
+            )
         body, bulk = await self._read_body(req, media_type)
         resp.content_type = JSON
         if not bulk:
@@ -144,6 +156,9 @@ class MessagesResource:
             return ()
         token = self.tokens.identify(bearer(req.get_header("Authorization")))
         if token is None:
+            _refusals.warning(
+                "refused request from %s: no valid token", req.remote_addr
+            )
             raise falcon.HTTPUnauthorized(
                 description="a valid token is required: Authorization: Bearer <token>",
                 headers={"WWW-Authenticate": 'Bearer realm="fanout"'},
@@ -190,6 +205,11 @@ class MessagesResource:
         # Read one byte past the limit so a chunked body without a length is
         # cut off there instead of being read whole.
         body = head + await req.stream.read(limit + 1 - len(head))
+        if len(body) > limit and req.content_length is None and not bulk:
+            raise MessageTooLarge(
+                f"request body is more than {limit} bytes, the limit; it was "
+                "not read further"
+            )
         check(len(body))
         return body, bulk
 

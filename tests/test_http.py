@@ -175,3 +175,17 @@ def test_workers_stop_when_the_master_is_killed(launch):
 
     assert wait_until(lambda: all(gone(pid) for pid in workers), timeout=20)
     assert wait_until(lambda: port_is_free(gateway.port), timeout=10)
+
+
+def test_compressed_body_is_415(http):
+    """A Content-Encoding other than identity is refused by name."""
+    response = requests.post(
+        http,
+        data=b"\x1f\x8b",
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        timeout=10,
+    )
+    assert response.status_code == 415
+    assert response.json()["error"] == (
+        "Content-Encoding gzip is not supported; send the body uncompressed"
+    )
