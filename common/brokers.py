@@ -53,6 +53,7 @@ class NatsLink:
         self._closing = False
         self._servers = ", ".join(redact_url(u) for u in settings.nats_urls)
         self._auth_refused = False
+        self._tls_refused = False
 
     async def connect(self, stopping: asyncio.Event) -> bool:
         """Connect, retrying with backoff; False if ``stopping`` was set first."""
@@ -114,13 +115,25 @@ class NatsLink:
         self.logger.info("nats reconnected to %s", self._current())
 
     async def _error(self, exc: Exception) -> None:
-        # nats-py keeps retrying a refused login on its own; say so once, an
-        # operator must fix the credentials. The server's text is left out.
+        # nats-py keeps retrying a refused login or a failed TLS handshake on
+        # its own, without connect() ever raising; say so once, an operator
+        # must fix the credentials or the certificates. The server's text is
+        # left out; OpenSSL's reason code is the client's own.
         if isinstance(exc, nats.errors.AuthorizationError):
             if not self._auth_refused:
                 self._auth_refused = True
                 self.logger.error(
                     "nats at %s refused the gateway's credentials", self._servers
+                )
+            return
+        if isinstance(exc, ssl.SSLError):
+            if not self._tls_refused:
+                self._tls_refused = True
+                self.logger.error(
+                    "nats at %s: tls handshake failed (%s %s)",
+                    self._servers,
+                    exc.__class__.__name__,
+                    exc.reason,
                 )
             return
         self.logger.debug("nats client error: %s", exc.__class__.__name__)

@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -158,9 +159,10 @@ class Gateway:
 class Subscriber:
     """A real NATS subscriber on its own thread, collecting what arrives."""
 
-    def __init__(self, url: str, subject: str = ">"):
+    def __init__(self, url: str, subject: str = ">", tls: ssl.SSLContext | None = None):
         self.url = url
         self.subject = subject
+        self.tls = tls
         self.messages: list = []  # nats.aio.msg.Msg
         self._lock = threading.Lock()
         self._ready = threading.Event()
@@ -179,7 +181,7 @@ class Subscriber:
         self._loop.run_forever()
 
     async def _subscribe(self) -> None:
-        self.nc = await nats.connect(self.url, max_reconnect_attempts=-1)
+        self.nc = await nats.connect(self.url, max_reconnect_attempts=-1, tls=self.tls)
 
         async def on_message(msg):
             with self._lock:

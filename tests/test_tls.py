@@ -1,0 +1,281 @@
+"""NATS over TLS: the gateway verifies the server and can show a certificate.
+
+Each test makes a throwaway CA, a server certificate for 127.0.0.1 and a
+client certificate with the ``openssl`` command, in its own tmp_path.
+"""
+
+import json
+import re
+import shutil
+import ssl
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import Brokers, Launcher
+from tests.support import (
+    Gateway,
+    Subscriber,
+    audit_log,
+    nats_server,
+    redis_server,
+    wait_for_port,
+)
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="needs the openssl command"
+)
+
+EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+CA_EXTENSIONS = """\
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+"""
+LEAF_EXTENSIONS = """\
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+"""
+SERVER_EXTENSIONS = LEAF_EXTENSIONS + (
+    "extendedKeyUsage = serverAuth\nsubjectAltName = IP:127.0.0.1\n"
+)
+CLIENT_EXTENSIONS = LEAF_EXTENSIONS + "extendedKeyUsage = clientAuth\n"
+
+
+@dataclass
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def context(self) -> ssl.SSLContext:
+        """A client context that trusts the CA and shows the client certificate."""
+        context = ssl.create_default_context(cafile=self.ca)
+        context.load_cert_chain(self.client_cert, self.client_key)
+        return context
+
+
+def openssl(directory: Path, *args: str | Path) -> None:
+    subprocess.run(
+        ["openssl", *map(str, args)],
+        cwd=directory,
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+
+
+def issue(
+    directory: Path, name: str, extensions: str, serial: int, ca: Path | None = None
+) -> tuple[Path, Path]:
+    """A key and a one-day certificate for ``name``, signed by ``ca`` or itself."""
+    key, csr, cert = (directory / f"{name}.{ext}" for ext in ("key", "csr", "pem"))
+    ext_file = directory / f"{name}.ext"
+    ext_file.write_text(extensions)
+    openssl(
+        directory,
+        "req",
+        "-new",
+        *EC_KEY,
+        "-keyout",
+        key,
+        "-out",
+        csr,
+        "-subj",
+        f"/CN={name}",
+    )
+    signer = (
+        ["-signkey", key]
+        if ca is None
+        else ["-CA", ca, "-CAkey", ca.with_suffix(".key")]
+    )
+    openssl(
+        directory,
+        "x509",
+        "-req",
+        "-in",
+        csr,
+        *signer,
+        "-set_serial",
+        str(serial),
+        "-days",
+        "1",
+        "-extfile",
+        ext_file,
+        "-out",
+        cert,
+    )
+    return cert, key
+
+
+@pytest.fixture
+def pki(tmp_path) -> Pki:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate."""
+    ca, _ = issue(tmp_path, "fanout-test-ca", CA_EXTENSIONS, 1)
+    server_cert, server_key = issue(tmp_path, "127.0.0.1", SERVER_EXTENSIONS, 2, ca)
+    client_cert, client_key = issue(tmp_path, "fanout", CLIENT_EXTENSIONS, 3, ca)
+    return Pki(ca, server_cert, server_key, client_cert, client_key)
+
+
+@pytest.fixture
+def tls_launch(tmp_path, spare_servers):
+    """Start a NATS server with the given TLS options, a Redis, and a launcher.
+
+    The launchers' gateways stop before the servers do (``spare_servers``
+    is torn down after this fixture).
+    """
+    launchers: list[Launcher] = []
+
+    def start(nats_options: list[str | Path]) -> Launcher:
+        nats = nats_server(tmp_path, extra=map(str, nats_options)).start()
+        spare_servers.append(nats)
+        redis = redis_server(tmp_path).start()
+        spare_servers.append(redis)
+        launcher = Launcher(Brokers(nats, redis), tmp_path)
+        launchers.append(launcher)
+        return launcher
+
+    yield start
+    for launcher in launchers:
+        launcher.stop_all()
+
+
+def tls_url(launcher: Launcher) -> str:
+    return f"tls://127.0.0.1:{launcher.brokers.nats.port}"
+
+
+def post_one(gateway: Gateway, topic: str) -> tuple[requests.Response, str]:
+    """POST one message as JSON text; the answer and the text sent."""
+    text = json.dumps({"topic": topic, "data": {"secure": True}})
+    response = requests.post(
+        f"http://127.0.0.1:{gateway.port}/MESSAGES",
+        json={"message": text},
+        timeout=10,
+    )
+    return response, text
+
+
+def assert_never_connects(gateway: Gateway, launcher: Launcher, reason: str) -> None:
+    """The gateway logs the TLS failure once, never connects, and answers 503."""
+    gateway.wait_for_log("redis connected")
+    line = f"nats at {tls_url(launcher)}: tls handshake failed ({reason})"
+    gateway.wait_for_log(line)
+    assert re.search(
+        rf" ERROR fanout\.http\[\d+\] {re.escape(line)}$", gateway.output(), re.M
+    )
+    wait_for_port(gateway.port)
+
+    response, _ = post_one(gateway, "internal.refused")
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert response.json() == {"status": "error", "error": "nats is unreachable"}
+
+    time.sleep(2)  # nats-py keeps retrying the handshake meanwhile
+    assert "nats connected" not in gateway.output()
+    assert gateway.output().count("tls handshake failed") == 1
+
+
+def audited(launcher: Launcher) -> list[bytes]:
+    """The test Redis's audit log, read with a client closed afterwards."""
+    client = launcher.brokers.client()
+    try:
+        return audit_log(client)
+    finally:
+        client.close()
+
+
+def test_gateway_verifies_nats_server_with_ca(tls_launch, pki):
+    """With FANOUT_NATS_TLS_CA the gateway publishes over TLS, bytes unchanged."""
+    launcher = tls_launch(
+        ["--tls", "--tlscert", pki.server_cert, "--tlskey", pki.server_key]
+    )
+    subscriber = Subscriber(
+        tls_url(launcher), tls=ssl.create_default_context(cafile=pki.ca)
+    ).start()
+    try:
+        gateway = launcher.start(
+            "fanout-http",
+            FANOUT_NATS_URL=tls_url(launcher),
+            FANOUT_NATS_TLS_CA=str(pki.ca),
+        )
+        response, text = post_one(gateway, "internal.tls")
+
+        assert response.status_code == 202
+        [msg] = subscriber.wait_for(1, "internal.")
+        assert msg.subject == "internal.tls"
+        assert msg.data == text.encode()
+        assert msg.headers["Nats-Msg-Id"] == response.json()["id"]
+        assert len(audited(launcher)) == 1
+    finally:
+        subscriber.close()
+
+
+def test_gateway_without_ca_does_not_trust_nats_server(tls_launch, pki):
+    """Without FANOUT_NATS_TLS_CA a private CA's server is refused: 503, no connect."""
+    launcher = tls_launch(
+        ["--tls", "--tlscert", pki.server_cert, "--tlskey", pki.server_key]
+    )
+    gateway = launcher.start(
+        "fanout-http",
+        ready=False,
+        FANOUT_NATS_URL=tls_url(launcher),
+        FANOUT_PUBLISH_TIMEOUT="1",
+    )
+    assert_never_connects(
+        gateway, launcher, "SSLCertVerificationError CERTIFICATE_VERIFY_FAILED"
+    )
+    assert audited(launcher) == []
+
+
+def test_gateway_shows_client_certificate(tls_launch, pki):
+    """With --tlsverify only a gateway with FANOUT_NATS_TLS_CERT gets in."""
+    launcher = tls_launch(
+        [
+            "--tlsverify",
+            "--tlscert",
+            pki.server_cert,
+            "--tlskey",
+            pki.server_key,
+            "--tlscacert",
+            pki.ca,
+        ]
+    )
+    url = tls_url(launcher)
+
+    # Both gateways start together; the one without a certificate keeps
+    # retrying while the other becomes ready.
+    outsider = launcher.start(
+        "fanout-http",
+        ready=False,
+        FANOUT_NATS_URL=url,
+        FANOUT_NATS_TLS_CA=str(pki.ca),
+        FANOUT_PUBLISH_TIMEOUT="1",
+    )
+    subscriber = Subscriber(url, tls=pki.context()).start()
+    try:
+        gateway = launcher.start(
+            "fanout-http",
+            FANOUT_NATS_URL=url,
+            FANOUT_NATS_TLS_CA=str(pki.ca),
+            FANOUT_NATS_TLS_CERT=str(pki.client_cert),
+            FANOUT_NATS_TLS_KEY=str(pki.client_key),
+        )
+        response, text = post_one(gateway, "internal.mtls")
+
+        assert response.status_code == 202
+        [msg] = subscriber.wait_for(1, "internal.")
+        assert msg.data == text.encode()
+        assert_never_connects(
+            outsider, launcher, "SSLError TLSV13_ALERT_CERTIFICATE_REQUIRED"
+        )
+        assert len(audited(launcher)) == 1
+    finally:
+        subscriber.close()
