@@ -1,7 +1,9 @@
 """Broker credentials: the gateway authenticates and never shows the secrets."""
 
+import os
 import time
 
+import nkeys
 import redis
 import requests
 
@@ -97,3 +99,19 @@ def test_wrong_password_is_logged_without_it(tmp_path):
         brokers.nats.stop()
         brokers.redis.stop()
     assert_no_secret_logged(tmp_path)
+
+
+def test_nats_nkey_seed_file(tmp_path):
+    """An NKey user authenticates with FANOUT_NATS_NKEY_SEED_FILE; seed unlogged."""
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    seed_file = tmp_path / "fanout.nk"
+    seed_file.write_bytes(seed)
+    config = tmp_path / "nkey.conf"
+    config.write_text(f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}\n')
+
+    deliver_one(
+        tmp_path, ["-c", str(config)], FANOUT_NATS_NKEY_SEED_FILE=str(seed_file)
+    )
+    for log in tmp_path.glob("fanout-*.log"):
+        assert seed.decode() not in log.read_text(errors="replace")

@@ -49,8 +49,7 @@ def test_http_413_with_length_and_chunked(launch, subscriber):
         == f"message is {len(body)} bytes; the limit is 1048576 bytes"
     )
     assert chunked.json()["error"] == (
-        "request body is more than 1048576 bytes, the limit; it was not read "
-        "further"
+        "request body is more than 1048576 bytes, the limit; it was not read further"
     )
     for raw in SMALL:
         requests.post(
