@@ -184,6 +184,16 @@ class Parser:
         self.clock = clock
         self.policy = policy or TopicPolicy(ingress_subject)
 
+    @classmethod
+    def for_ingress(cls, ingress: str, settings) -> "Parser":
+        """The parser an ingress process uses, from its settings."""
+        return cls(
+            ingress,
+            settings.ingress_subject,
+            settings.max_message_bytes,
+            policy=TopicPolicy.from_settings(settings),
+        )
+
     def limit_to(self, max_payload: int) -> None:
         """Never accept more than the NATS server will take (its max_payload).
 

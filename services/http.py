@@ -29,7 +29,6 @@ from common.errors import (
     RetryableError,
 )
 from common.message import Message, Parser
-from common.policy import TopicPolicy
 from common.settings import Settings
 from common.tokens import Tokens, bearer
 
@@ -72,12 +71,7 @@ class MessagesResource:
     def __init__(self, settings: Settings, gateway: "Gateway"):
         self.settings = settings
         self.gateway = gateway
-        self.parser = Parser(
-            "http",
-            settings.ingress_subject,
-            settings.max_message_bytes,
-            policy=TopicPolicy.from_settings(settings),
-        )
+        self.parser = Parser.for_ingress("http", settings)
         self.tokens = Tokens(settings.tokens_file + settings.tokens)
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response):

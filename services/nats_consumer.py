@@ -21,7 +21,6 @@ from common.audit import audit_entry
 from common.brokers import NatsLink, redis_client, wait_for_redis
 from common.consumer import retry, sort_batch
 from common.message import Parser
-from common.policy import TopicPolicy
 from common.settings import Settings
 
 logger = logging.getLogger("fanout.nats")
@@ -35,12 +34,7 @@ class NatsConsumer:
     def __init__(self, settings: Settings, stopping: asyncio.Event):
         self.settings = settings
         self.stopping = stopping
-        self.parser = Parser(
-            "nats",
-            settings.ingress_subject,
-            settings.max_message_bytes,
-            policy=TopicPolicy.from_settings(settings),
-        )
+        self.parser = Parser.for_ingress("nats", settings)
         self.refusals = logs.RateLimited(logger)
         self.nats = NatsLink(settings, f"fanout-nats-{logs.process_label()}", logger)
         self.redis = redis_client(settings)

@@ -32,7 +32,6 @@ from common.audit import audit_entry
 from common.brokers import NatsLink, redis_client, wait_for_redis
 from common.consumer import retry, sort_batch
 from common.message import MessageIds, Parser
-from common.policy import TopicPolicy
 from common.settings import Settings
 
 logger = logging.getLogger("fanout.redis")
@@ -134,12 +133,7 @@ class RedisConsumer:
         self.processing = f"{prefix}:processing:{self.name}"
         self.heartbeat = f"{prefix}:consumer:{self.name}"
         self.batch_size = min(settings.batch_size, MAX_BATCH)
-        self.parser = Parser(
-            "redis",
-            settings.ingress_subject,
-            settings.max_message_bytes,
-            policy=TopicPolicy.from_settings(settings),
-        )
+        self.parser = Parser.for_ingress("redis", settings)
         self.ids = MessageIds()
         self.refusals = logs.RateLimited(logger)
         self.nats = NatsLink(settings, f"fanout-redis-{self.name}", logger)

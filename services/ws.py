@@ -27,7 +27,7 @@ from common.errors import (
     RetryableError,
 )
 from common.message import Message, Parser
-from common.policy import Pattern, TopicPolicy
+from common.policy import Pattern
 from common.settings import Settings
 from common.tokens import Tokens, bearer
 
@@ -175,12 +175,7 @@ class WsIngress:
     def __init__(self, settings: Settings, stopping: asyncio.Event):
         self.settings = settings
         self.stopping = stopping
-        self.parser = Parser(
-            "ws",
-            settings.ingress_subject,
-            settings.max_message_bytes,
-            policy=TopicPolicy.from_settings(settings),
-        )
+        self.parser = Parser.for_ingress("ws", settings)
         self.tokens = Tokens(settings.tokens_file + settings.tokens)
         self.refusals = logs.RateLimited(logger)
         self.nats = NatsLink(settings, f"fanout-ws-{logs.process_label()}", logger)
