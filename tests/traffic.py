@@ -14,6 +14,8 @@ import orjson
 import redis
 import requests
 import websocket
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 class Traffic:
@@ -135,7 +137,12 @@ class Traffic:
             client.close()
 
     def _redis(self) -> None:
-        client = redis.Redis(port=self.redis_port, socket_timeout=2)
+        # No automatic retry: redis-py would resend an RPUSH whose reply was
+        # lost in an outage, and the item would then really be on the list
+        # twice, a duplicate of the producer's making, not the gateway's.
+        client = redis.Redis(
+            port=self.redis_port, socket_timeout=2, retry=Retry(NoBackoff(), 0)
+        )
         count = 0
         while self._running(count):
             key = f"r-{count}"
