@@ -51,6 +51,7 @@ class NatsLink:
         self.nc = NatsClient()
         self.connected = asyncio.Event()
         self._closing = False
+        self._unreachable_logged = False
         self._servers = ", ".join(redact_url(u) for u in settings.nats_urls)
         self._auth_refused = False
         self._tls_refused = False
@@ -134,6 +135,17 @@ class NatsLink:
                     self._servers,
                     exc.__class__.__name__,
                     exc.reason,
+                )
+            return
+        # Before the first connect nats-py retries an unreachable server
+        # quietly as well; one warning says the gateway is waiting for it.
+        if isinstance(exc, OSError) and not self.connected.is_set():
+            if not self._unreachable_logged:
+                self._unreachable_logged = True
+                self.logger.warning(
+                    "nats unreachable at %s (%s); retrying",
+                    self._servers,
+                    exc.__class__.__name__,
                 )
             return
         self.logger.debug("nats client error: %s", exc.__class__.__name__)

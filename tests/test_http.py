@@ -8,7 +8,14 @@ import orjson
 import pytest
 import requests
 
-from tests.support import audit_log, port_is_free, wait_until
+from tests.support import (
+    audit_log,
+    free_port,
+    nats_server,
+    port_is_free,
+    wait_for_port,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -189,3 +196,28 @@ def test_compressed_body_is_415(http):
     assert response.json()["error"] == (
         "Content-Encoding gzip is not supported; send the body uncompressed"
     )
+
+
+def test_nats_down_at_startup_is_logged_once_then_used(launch, tmp_path):
+    """A NATS server that is not up yet: one warning, 503s, then it is used."""
+    port = free_port()
+    gateway = launch.start(
+        "fanout-http",
+        ready=False,
+        FANOUT_NATS_URL=f"nats://127.0.0.1:{port}",
+        FANOUT_PUBLISH_TIMEOUT="0.5",
+    )
+    gateway.wait_for_log(f"nats unreachable at nats://127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{gateway.port}/MESSAGES"
+    wait_for_port(gateway.port)
+    refused = requests.post(url, json={"message": {"topic": "internal.a"}}, timeout=10)
+    assert refused.status_code == 503
+
+    server = nats_server(tmp_path, port).start()
+    try:
+        gateway.wait_for_log("nats connected")
+        accepted = post(url, '{"message": {"topic": "internal.b"}}')
+        assert accepted.status_code == 202
+    finally:
+        server.stop()
+    assert gateway.output().count("nats unreachable") == 1
