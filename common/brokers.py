@@ -51,10 +51,8 @@ class NatsLink:
         self.nc = NatsClient()
         self.connected = asyncio.Event()
         self._closing = False
-        self._unreachable_logged = False
+        self._said: set[str] = set()  # messages _say_once already logged
         self._servers = ", ".join(redact_url(u) for u in settings.nats_urls)
-        self._auth_refused = False
-        self._tls_refused = False
 
     async def connect(self, stopping: asyncio.Event) -> bool:
         """Connect, retrying with backoff; False if ``stopping`` was set first."""
@@ -116,39 +114,35 @@ class NatsLink:
         self.logger.info("nats reconnected to %s", self._current())
 
     async def _error(self, exc: Exception) -> None:
-        # nats-py keeps retrying a refused login or a failed TLS handshake on
-        # its own, without connect() ever raising; say so once, an operator
-        # must fix the credentials or the certificates. The server's text is
+        # nats-py keeps retrying a refused login, a failed TLS handshake or
+        # (before the first connect) an unreachable server on its own,
+        # without connect() ever raising: say each once. The server's text is
         # left out; OpenSSL's reason code is the client's own.
         if isinstance(exc, nats.errors.AuthorizationError):
-            if not self._auth_refused:
-                self._auth_refused = True
-                self.logger.error(
-                    "nats at %s refused the gateway's credentials", self._servers
-                )
-            return
-        if isinstance(exc, ssl.SSLError):
-            if not self._tls_refused:
-                self._tls_refused = True
-                self.logger.error(
-                    "nats at %s: tls handshake failed (%s %s)",
-                    self._servers,
-                    exc.__class__.__name__,
-                    exc.reason,
-                )
-            return
-        # Before the first connect nats-py retries an unreachable server
-        # quietly as well; one warning says the gateway is waiting for it.
-        if isinstance(exc, OSError) and not self.connected.is_set():
-            if not self._unreachable_logged:
-                self._unreachable_logged = True
-                self.logger.warning(
-                    "nats unreachable at %s (%s); retrying",
-                    self._servers,
-                    exc.__class__.__name__,
-                )
-            return
-        self.logger.debug("nats client error: %s", exc.__class__.__name__)
+            self._say_once(
+                logging.ERROR, "nats at %s refused the gateway's credentials"
+            )
+        elif isinstance(exc, ssl.SSLError):
+            self._say_once(
+                logging.ERROR,
+                "nats at %s: tls handshake failed (%s %s)",
+                exc.__class__.__name__,
+                exc.reason,
+            )
+        elif isinstance(exc, OSError) and not self.connected.is_set():
+            self._say_once(
+                logging.WARNING,
+                "nats unreachable at %s (%s); retrying",
+                exc.__class__.__name__,
+            )
+        else:
+            self.logger.debug("nats client error: %s", exc.__class__.__name__)
+
+    def _say_once(self, level: int, msg: str, *args: object) -> None:
+        """Log ``msg`` (servers first, then ``args``) the first time only."""
+        if msg not in self._said:
+            self._said.add(msg)
+            self.logger.log(level, msg, self._servers, *args)
 
     async def _closed(self) -> None:
         self.connected.clear()

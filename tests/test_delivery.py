@@ -23,20 +23,23 @@ def numbers_with_ids(messages) -> dict[int, set[str]]:
     return seen
 
 
+def kill_while_holding(brokers, rdb, consumer, name: str, count: int) -> None:
+    """Freeze NATS so a batch is taken but cannot be confirmed, then kill -9."""
+    brokers.nats.proc.send_signal(signal.SIGSTOP)
+    rdb.rpush("MESSAGES", *items(count))
+    assert wait_until(lambda: rdb.llen(f"MESSAGES:processing:{name}") == count)
+    consumer.signal(signal.SIGKILL)
+    consumer.proc.wait(5)
+    brokers.nats.proc.send_signal(signal.SIGCONT)
+
+
 def test_killed_consumer_redelivers_its_batch_on_restart(
     launch, brokers, subscriber, rdb
 ):
     """kill -9 while holding 1,000 items; started again, all 1,000 arrive."""
     env = {"FANOUT_CONSUMER_NAME": "c1", "FANOUT_BATCH_SIZE": "1000"}
     consumer = launch.start("fanout-redis", **env)
-
-    # Freeze NATS so the batch is taken but cannot be confirmed.
-    brokers.nats.proc.send_signal(signal.SIGSTOP)
-    rdb.rpush("MESSAGES", *items(1000))
-    assert wait_until(lambda: rdb.llen("MESSAGES:processing:c1") == 1000)
-    consumer.signal(signal.SIGKILL)
-    consumer.proc.wait(5)
-    brokers.nats.proc.send_signal(signal.SIGCONT)
+    kill_while_holding(brokers, rdb, consumer, "c1", 1000)
 
     restarted = launch.start("fanout-redis", **env)
     subscriber.wait_for(1000, "internal.batch", timeout=30)
@@ -53,12 +56,7 @@ def test_dead_consumer_list_is_taken_over(launch, brokers, subscriber, rdb):
     """A consumer that never comes back has its items delivered by another."""
     short = {"FANOUT_CONSUMER_TTL": "2"}
     doomed = launch.start("fanout-redis", FANOUT_CONSUMER_NAME="doomed", **short)
-    brokers.nats.proc.send_signal(signal.SIGSTOP)
-    rdb.rpush("MESSAGES", *items(300))
-    assert wait_until(lambda: rdb.llen("MESSAGES:processing:doomed") == 300)
-    doomed.signal(signal.SIGKILL)
-    doomed.proc.wait(5)
-    brokers.nats.proc.send_signal(signal.SIGCONT)
+    kill_while_holding(brokers, rdb, doomed, "doomed", 300)
 
     heir = launch.start("fanout-redis", FANOUT_CONSUMER_NAME="heir", **short)
     subscriber.wait_for(300, "internal.batch", timeout=30)
