@@ -28,8 +28,9 @@ def audit_entry(message: Message) -> bytes:
 
     Joined from parts rather than built as a dict: this runs once per
     message and orjson on a dict costs several times more. ``id`` and
-    ``topic`` go through orjson for escaping; the payload was validated as a
-    JSON object when it was parsed.
+    ``topic`` go through orjson for escaping (a topic's JSON form is kept,
+    topics repeat); the payload was validated as a JSON object when it was
+    parsed.
     """
     return b"".join(
         (
@@ -40,12 +41,25 @@ def audit_entry(message: Message) -> bytes:
             b'","ingress":"',
             message.ingress.encode(),
             b'","topic":',
-            orjson.dumps(message.topic),
+            _topic_json(message.topic),
             b',"message":',
             message.payload,
             b"}",
         )
     )
+
+
+_topics: dict[str, bytes] = {}
+KNOWN_TOPICS = 10_000  # topics whose JSON form is kept
+
+
+def _topic_json(topic: str) -> bytes:
+    text = _topics.get(topic)
+    if text is None:
+        if len(_topics) >= KNOWN_TOPICS:
+            _topics.clear()
+        text = _topics[topic] = orjson.dumps(topic)
+    return text
 
 
 def dead_entry(raw: bytes, reason: str, ingress: str, received_at: float) -> bytes:

@@ -34,6 +34,7 @@ MAX_DEPTH = 1024  # nesting levels; orjson's own limit, refused beyond it
 MAX_OBJECT_DEPTH = 254  # levels orjson can write back, for an object "message"
 MAX_TOPIC_LENGTH = 256  # characters
 MAX_ID_LENGTH = 128  # characters
+KNOWN_TOPICS = 10_000  # topics remembered as allowed, per parser
 # What a published message carries besides its payload: the Nats-Msg-Id
 # header and its framing. NATS counts both against the server's max_payload.
 HEADER_ALLOWANCE = 256  # bytes
@@ -183,6 +184,10 @@ class Parser:
         self.ids = ids or MessageIds()
         self.clock = clock
         self.policy = policy or TopicPolicy(ingress_subject)
+        # PERF: the subject and policy checks cost more than decoding a
+        # small message, and producers reuse a few topics; the policy never
+        # changes while the process runs.
+        self._allowed: set[str] = set()
 
     @classmethod
     def for_ingress(cls, ingress: str, settings) -> "Parser":
@@ -372,11 +377,15 @@ class Parser:
         message_id: str | None,
         token_patterns: tuple[Pattern, ...],
     ) -> Message:
-        if "topic" not in obj:
-            raise RejectedError('message has no "topic" field')
-        topic = check_topic(
-            obj["topic"], self.ingress_subject, self.policy, token_patterns
-        )
+        topic = obj.get("topic")
+        if token_patterns or type(topic) is not str or topic not in self._allowed:
+            if "topic" not in obj:
+                raise RejectedError('message has no "topic" field')
+            check_topic(topic, self.ingress_subject, self.policy, token_patterns)
+            if not token_patterns:
+                if len(self._allowed) >= KNOWN_TOPICS:
+                    self._allowed.clear()
+                self._allowed.add(topic)
         return Message(
             message_id or self.ids.next(),
             topic,

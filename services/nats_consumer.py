@@ -26,7 +26,7 @@ from common.settings import Settings
 logger = logging.getLogger("fanout.nats")
 
 QUEUE_GROUP = "fanout"
-PENDING_MESSAGES = 200_000  # held by nats-py before it drops (slow consumer)
+PENDING_MESSAGES = 200_000  # held at most; more are dropped (slow consumer)
 PENDING_BYTES = 256 * 1024 * 1024
 
 
@@ -36,17 +36,33 @@ class NatsConsumer:
         self.stopping = stopping
         self.parser = Parser.for_ingress("nats", settings)
         self.refusals = logs.RateLimited(logger)
+        self.drops = logs.RateLimited(logger)
         self.nats = NatsLink(settings, f"fanout-nats-{logs.process_label()}", logger)
         self.redis = redis_client(settings)
         self.inbox: deque[tuple[None, bytes]] = deque()
+        self.held_bytes = 0
         self.arrived = asyncio.Event()
         self.received = 0
         self.delivered = 0
         self.dead_lettered = 0
+        self.dropped = 0
         self.failed = False
 
-    async def _on_message(self, msg) -> None:
-        self.inbox.append((None, msg.data))
+    def _on_data(self, data: bytes) -> None:
+        # Runs in nats-py's protocol reader, once per message: kept short.
+        if len(self.inbox) >= PENDING_MESSAGES or self.held_bytes > PENDING_BYTES:
+            # Core NATS would drop them too (the server, for a consumer
+            # that stops reading); here it is at least counted and said.
+            self.dropped += 1
+            self.drops.warning(
+                "dropped a message: %d messages (%d bytes) are waiting for the "
+                "brokers; run more consumers or find what slows them",
+                len(self.inbox),
+                self.held_bytes,
+            )
+            return
+        self.inbox.append((None, data))
+        self.held_bytes += len(data)
         self.received += 1
         self.arrived.set()
 
@@ -59,12 +75,8 @@ class NatsConsumer:
         ):
             await self.nats.close()
             return 0
-        subscription = await self.nats.nc.subscribe(
-            self.settings.ingress_subject,
-            queue=QUEUE_GROUP,
-            cb=self._on_message,
-            pending_msgs_limit=PENDING_MESSAGES,
-            pending_bytes_limit=PENDING_BYTES,
+        subscription = await self.nats.subscribe_direct(
+            self.settings.ingress_subject, QUEUE_GROUP, self._on_data
         )
         logger.info(
             "nats consumer subscribed to %s in queue group %s",
@@ -95,6 +107,7 @@ class NatsConsumer:
             batch_size = self.settings.batch_size
             take = self.inbox.popleft
             batch = [take() for _ in range(min(batch_size, len(self.inbox)))]
+            self.held_bytes -= sum(len(raw) for _, raw in batch)
             await self._deliver(batch)
 
     async def _deliver(self, batch: list[tuple[None, bytes]]) -> None:
@@ -144,10 +157,12 @@ class NatsConsumer:
         await self.nats.close()
         await self.redis.aclose()
         logger.info(
-            "nats consumer stopped: %d received, %d delivered, %d dead-lettered",
+            "nats consumer stopped: %d received, %d delivered, %d dead-lettered, "
+            "%d dropped",
             self.received,
             self.delivered,
             self.dead_lettered,
+            self.dropped,
         )
 
 
