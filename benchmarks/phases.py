@@ -71,16 +71,26 @@ def _result(run: dict) -> dict:
             result = json.loads(line)
             result["generator_cpu_s"] = run["cpu_s"]
             if "socket_errors" in result:  # wrk's summary
-                result["errors"] = (
-                    result["socket_errors"]
-                    + result["status_errors"]
-                    + result["timeouts"]
-                )
+                result["errors"] = _wrk_errors(result)
                 result["elapsed"] = result["duration_s"]
             return result
     raise HarnessError(
         f"load generator exited with {run['returncode']}; see {run['log']}"
     )
+
+
+def _wrk_errors(result: dict) -> int:
+    """Messages not accepted, from the summary ``post.lua`` prints.
+
+    A bulk answer is 200 whatever it refused, so post.lua counts the
+    refused results itself, and every message of an answer other than 200.
+    A request that got no answer (socket error, timeout) loses them all.
+    """
+    bulk = result["bulk"]
+    failed = result["socket_errors"] + result["timeouts"]
+    if bulk == 1:
+        return failed + result["status_errors"]
+    return result["refused"] + failed * bulk
 
 
 def loads_command(
@@ -99,10 +109,17 @@ def loads_command(
     ]  # fmt: skip
 
 
-def wrk_job(port: int, topic: str, seconds: float, count: int, rate: float) -> tuple:
-    """wrk, one thread, POSTing envelopes; ``rate`` 0 means as fast as it can."""
+def wrk_job(
+    port: int, topic: str, seconds: float, count: int, rate: float, bulk: int = 1
+) -> tuple:
+    """wrk, one thread, POSTing envelopes; ``rate`` 0 means as fast as it can.
+
+    ``count`` and ``rate`` are in messages; ``bulk`` above 1 sends that many
+    envelopes per request, as a JSON array.
+    """
     env = base_env()
-    env.update(BENCH_TOPIC=topic, BENCH_COUNT=str(count), BENCH_RATE=f"{rate:g}")
+    env.update(BENCH_TOPIC=topic, BENCH_COUNT=str(count), BENCH_RATE=f"{rate:g}",
+               BENCH_BULK=str(bulk))  # fmt: skip
     conns = HTTP_PACED_CONNS if rate else HTTP_CONNS
     # Paced, wrk idles once it has sent its count; the spare seconds let
     # the answers in flight come back before -d ends it.
