@@ -30,6 +30,7 @@ from benchmarks.servers import (
 HERE = Path(__file__).resolve().parent
 HTTP_CONNS = 64  # wrk connections at maximum rate
 HTTP_PACED_CONNS = 16  # wrk connections at a fixed rate
+HTTP_BULK = 100  # messages per request in the bulk phase
 WS_CONNS, WS_WINDOW = 8, 100  # connections, frames in flight on each
 SOAK_SHARE = 0.1  # of each ingress's maximum, offered during the soak
 SOAK_MOST = 1000  # messages/s per ingress at most during the soak
@@ -310,12 +311,30 @@ def http_phase(bench: Bench, proc: Proc, port: int, workers: int, rate: float):
                    lambda: _wrk(bench, job, plan.seconds))  # fmt: skip
 
 
+def http_bulk_phase(bench: Bench, proc: Proc, port: int, workers: int) -> dict:
+    """As fast as it can, :data:`HTTP_BULK` envelopes per request."""
+    plan = bench.plan
+    topic = f"bench.http.bulk.w{workers}"
+    job = wrk_job(port, topic, plan.seconds, plan.max_count, 0, HTTP_BULK)
+    row = new_row(f"http bulk w{workers}", "http", "bulk", workers, topic=topic,
+                  bulk=HTTP_BULK)  # fmt: skip
+
+    def load() -> dict:
+        sent = _wrk(bench, job, plan.seconds)
+        row["requests"] = sent["requests"]
+        return sent
+
+    return measure(bench, row, {"fanout-http": proc}, load)
+
+
 def http_rows(bench: Bench) -> None:
     for workers in (1, 2):
         proc, port = start_http(bench.fleet, bench.brokers, workers)
         top = http_phase(bench, proc, port, workers, 0)
         if workers == 1:
             http_phase(bench, proc, port, workers, round(top["rate"] / 2))
+            # The same processes as the one-message row, so the two compare.
+            http_bulk_phase(bench, proc, port, workers)
         bench.fleet.stop(proc)
 
 
