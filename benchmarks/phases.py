@@ -30,6 +30,7 @@ from benchmarks.servers import (
 HERE = Path(__file__).resolve().parent
 HTTP_CONNS = 64  # wrk connections at maximum rate
 HTTP_PACED_CONNS = 16  # wrk connections at a fixed rate
+HTTP_BULK = 100  # messages per request in the bulk phase
 WS_CONNS, WS_WINDOW = 8, 100  # connections, frames in flight on each
 SOAK_SHARE = 0.1  # of each ingress's maximum, offered during the soak
 SOAK_MOST = 1000  # messages/s per ingress at most during the soak
@@ -71,16 +72,26 @@ def _result(run: dict) -> dict:
             result = json.loads(line)
             result["generator_cpu_s"] = run["cpu_s"]
             if "socket_errors" in result:  # wrk's summary
-                result["errors"] = (
-                    result["socket_errors"]
-                    + result["status_errors"]
-                    + result["timeouts"]
-                )
+                result["errors"] = _wrk_errors(result)
                 result["elapsed"] = result["duration_s"]
             return result
     raise HarnessError(
         f"load generator exited with {run['returncode']}; see {run['log']}"
     )
+
+
+def _wrk_errors(result: dict) -> int:
+    """Messages not accepted, from the summary ``post.lua`` prints.
+
+    A bulk answer is 200 whatever it refused, so post.lua counts the
+    refused results itself, and every message of an answer other than 200.
+    A request that got no answer (socket error, timeout) loses them all.
+    """
+    bulk = result["bulk"]
+    failed = result["socket_errors"] + result["timeouts"]
+    if bulk == 1:
+        return failed + result["status_errors"]
+    return result["refused"] + failed * bulk
 
 
 def loads_command(
@@ -99,10 +110,17 @@ def loads_command(
     ]  # fmt: skip
 
 
-def wrk_job(port: int, topic: str, seconds: float, count: int, rate: float) -> tuple:
-    """wrk, one thread, POSTing envelopes; ``rate`` 0 means as fast as it can."""
+def wrk_job(
+    port: int, topic: str, seconds: float, count: int, rate: float, bulk: int = 1
+) -> tuple:
+    """wrk, one thread, POSTing envelopes; ``rate`` 0 means as fast as it can.
+
+    ``count`` and ``rate`` are in messages; ``bulk`` above 1 sends that many
+    envelopes per request, as a JSON array.
+    """
     env = base_env()
-    env.update(BENCH_TOPIC=topic, BENCH_COUNT=str(count), BENCH_RATE=f"{rate:g}")
+    env.update(BENCH_TOPIC=topic, BENCH_COUNT=str(count), BENCH_RATE=f"{rate:g}",
+               BENCH_BULK=str(bulk))  # fmt: skip
     conns = HTTP_PACED_CONNS if rate else HTTP_CONNS
     # Paced, wrk idles once it has sent its count; the spare seconds let
     # the answers in flight come back before -d ends it.
@@ -293,12 +311,30 @@ def http_phase(bench: Bench, proc: Proc, port: int, workers: int, rate: float):
                    lambda: _wrk(bench, job, plan.seconds))  # fmt: skip
 
 
+def http_bulk_phase(bench: Bench, proc: Proc, port: int, workers: int) -> dict:
+    """As fast as it can, :data:`HTTP_BULK` envelopes per request."""
+    plan = bench.plan
+    topic = f"bench.http.bulk.w{workers}"
+    job = wrk_job(port, topic, plan.seconds, plan.max_count, 0, HTTP_BULK)
+    row = new_row(f"http bulk w{workers}", "http", "bulk", workers, topic=topic,
+                  bulk=HTTP_BULK)  # fmt: skip
+
+    def load() -> dict:
+        sent = _wrk(bench, job, plan.seconds)
+        row["requests"] = sent["requests"]
+        return sent
+
+    return measure(bench, row, {"fanout-http": proc}, load)
+
+
 def http_rows(bench: Bench) -> None:
     for workers in (1, 2):
         proc, port = start_http(bench.fleet, bench.brokers, workers)
         top = http_phase(bench, proc, port, workers, 0)
         if workers == 1:
             http_phase(bench, proc, port, workers, round(top["rate"] / 2))
+            # The same processes as the one-message row, so the two compare.
+            http_bulk_phase(bench, proc, port, workers)
         bench.fleet.stop(proc)
 
 

@@ -8,6 +8,8 @@ measures, one after the other:
   loop and a bare pipelined RPUSH loop;
 * each ingress at its maximum rate, with 1 and 2 processes where the
   gateway scales by processes, and at half that maximum for latency;
+* HTTP at its maximum rate with 100 messages per request (bulk), on the
+  one-worker processes;
 * with ``--soak-seconds`` above 0 (the full run's default is 600), all four
   ingresses together at a moderate rate: RSS at start and end, and whether
   every message sent arrived.
