@@ -5,7 +5,8 @@ script moves a batch from the head of the ingress list onto this consumer's
 own *processing list*, giving each item an id on the way. Only after the
 batch is published to NATS are its items removed from the processing list,
 by the same script run that appends their audit entries and dead letters
-and takes the next batch: one Redis round trip and one NATS flush a batch.
+and takes the batch after next: one Redis round trip and one NATS flush a
+batch, and each batch's flush overlaps the script run for its neighbours.
 A consumer killed at any point leaves its batch on its processing list; on
 start it delivers that list first, and a consumer that died for good has
 its list taken over by a live one once its heartbeat key expires. A
@@ -38,32 +39,34 @@ logger = logging.getLogger("fanout.redis")
 
 MAX_BATCH = 5000  # items per take; Lua's unpack() has a stack limit near 8000
 
-# One round trip per batch: commit the batch just published, then take the
-# next one. KEYS: ingress list, processing list, audit log, dead-letter list.
-# ARGV: take count, id prefix for new items, the id line ("<id>\n") the
-# committed batch starts with ("" when there is nothing to commit), its
-# length, the number of audit entries, then the audit entries and the dead
-# letters. The commit applies only while the processing list still starts
-# with that batch, so a retry after a lost reply cannot trim or log twice.
-# What the processing list still holds is taken first: a batch an earlier
-# run of this consumer took and did not finish.
+# One round trip per batch: commit a published batch, then take another.
+# KEYS: ingress list, processing list, audit log, dead-letter list.
+# ARGV: take count, id prefix for new items, how many items at the head of
+# the processing list are being published meanwhile (skipped, not taken
+# again), the id line ("<id>\n") the committed batch starts with ("" when
+# there is nothing to commit), its length, the number of audit entries,
+# then the audit entries and the dead letters. The commit applies only
+# while the processing list still starts with that batch, so a retry after
+# a lost reply cannot trim or log twice. What the processing list holds
+# past the skipped items is taken first: a batch an earlier run of this
+# consumer took and did not finish, or one taken over from a dead consumer.
 STEP = """
-local first, done, audits = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local first, done, audits = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 if done > 0 then
   local head = redis.call('LINDEX', KEYS[2], 0)
   if head and string.sub(head, 1, #first) == first then
     if audits > 0 then
-      redis.call('RPUSH', KEYS[3], unpack(ARGV, 6, 5 + audits))
+      redis.call('RPUSH', KEYS[3], unpack(ARGV, 7, 6 + audits))
     end
-    if #ARGV > 5 + audits then
-      redis.call('RPUSH', KEYS[4], unpack(ARGV, 6 + audits, #ARGV))
+    if #ARGV > 6 + audits then
+      redis.call('RPUSH', KEYS[4], unpack(ARGV, 7 + audits, #ARGV))
     end
     redis.call('LTRIM', KEYS[2], done, -1)
   end
 end
-local count = tonumber(ARGV[1])
+local count, skip = tonumber(ARGV[1]), tonumber(ARGV[3])
 if count == 0 then return {} end
-local held = redis.call('LRANGE', KEYS[2], 0, count - 1)
+local held = redis.call('LRANGE', KEYS[2], skip, skip + count - 1)
 if #held > 0 then return held end
 local items = redis.call('LPOP', KEYS[1], count)
 if not items then return {} end
@@ -175,28 +178,41 @@ class RedisConsumer:
         return 0
 
     async def _consume(self) -> None:
-        entries = await self._step(None)
-        while entries is not None and not self.stopping.is_set():
+        entries = await self._step(None, 0)
+        commit = None  # the batch published last, until Redis took its commit
+        while entries is not None:
             if not entries:
+                if commit is not None:
+                    entries, commit = await self._step(commit, 0), None
+                    continue
+                if self.stopping.is_set():
+                    return
                 await self._wait_for_items()
-                entries = await self._step(None)
+                entries = await self._step(None, 0)
                 continue
-            commit = await self._publish(entries)
-            if commit is None:
+            # PERF: publish this batch while Redis commits the one before and
+            # hands over the next; done one after the other, each process
+            # would wait idle for the other server about half the time.
+            published, entries = await asyncio.gather(
+                self._publish(entries), self._step(commit, len(entries))
+            )
+            if published is None:
                 return  # stopping: left on the processing list, given back
-            entries = await self._step(commit)
+            commit = published
 
-    async def _step(self, commit: "Commit | None") -> list[bytes] | None:
-        """Commit the batch just published (if any) and take the next one.
+    async def _step(self, commit: "Commit | None", skip: int) -> list[bytes] | None:
+        """Commit a published batch (if any) and take a batch.
 
-        Takes nothing while NATS is away, or once stopping: taken items
-        would only sit in memory. None when stopping cut the retries short.
+        ``skip`` items at the head of the processing list are being
+        published meanwhile and are not taken again. Takes nothing while
+        NATS is away, or once stopping: taken items would only sit in
+        memory. None when stopping cut the retries short.
         """
         while not self.nats.connected.is_set() and not self.stopping.is_set():
             await _first(self.nats.connected.wait(), self.stopping.wait())
         self.batches += 1
         count = 0 if self.stopping.is_set() else self.batch_size
-        args = [count, f"{self.ids.prefix}-{self.batches:x}."]
+        args = [count, f"{self.ids.prefix}-{self.batches:x}.", skip]
         args += commit.args() if commit else ["", 0, 0]
         keys = [
             self.settings.ingress_list,
