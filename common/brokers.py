@@ -37,29 +37,40 @@ def backoff_delays(start: float = BACKOFF_START, most: float = BACKOFF_MAX):
         delay = min(delay * 2, most)
 
 
-class _Client(NatsClient):
+class DirectClient(NatsClient):
     """nats-py's client, able to hand a subscription's payloads straight on.
 
     nats-py builds a ``Msg`` for every message, queues it and wakes a task
     to await a callback for it: several times the cost of everything else
     the NATS consumer does per message. A subscription given to
-    :meth:`deliver_direct` skips that: its payloads go to a plain function
-    from the protocol reader. Headers and reply subjects are not passed on.
+    :meth:`deliver_direct` skips that: its subject and payload (both bytes)
+    go to a plain function from the protocol reader. Headers and reply
+    subjects are not passed on.
     """
 
     def __init__(self):
         super().__init__()
-        self._direct: dict[int, Callable[[bytes], None]] = {}
+        self._direct: dict[int, Callable[[bytes, bytes], None]] = {}
 
-    def deliver_direct(self, sid: int, deliver: Callable[[bytes], None]) -> None:
-        self._direct[sid] = deliver
+    async def subscribe_direct(
+        self, subject: str, deliver: Callable[[bytes, bytes], None], queue: str = ""
+    ):
+        """Subscribe; each subject and payload go to ``deliver`` as read.
+
+        ``deliver`` runs inside nats-py's protocol reader: it must be quick
+        and must not block. nats-py's own pending limits do not apply (its
+        queue is bypassed); the caller bounds what it holds.
+        """
+        subscription = await self.subscribe(subject, queue=queue)
+        self._direct[subscription._id] = deliver
+        return subscription
 
     async def _process_msg(self, sid, subject, reply, data, headers) -> None:
         deliver = self._direct.get(sid)
         if deliver is None:
             await super()._process_msg(sid, subject, reply, data, headers)
         elif sid in self._subs:  # not after the subscription was drained
-            deliver(data)
+            deliver(subject, data)
 
 
 class NatsLink:
@@ -73,7 +84,7 @@ class NatsLink:
         self.settings = settings
         self.name = name
         self.logger = logger
-        self.nc = _Client()
+        self.nc = DirectClient()
         self.connected = asyncio.Event()
         self._closing = False
         self._said: set[str] = set()  # messages _say_once already logged
@@ -171,19 +182,6 @@ class NatsLink:
 
     async def _closed(self) -> None:
         self.connected.clear()
-
-    async def subscribe_direct(
-        self, subject: str, queue: str, deliver: Callable[[bytes], None]
-    ):
-        """Subscribe; each payload is passed to ``deliver`` as it is read.
-
-        ``deliver`` runs inside nats-py's protocol reader: it must be quick
-        and must not block. nats-py's own pending limits do not apply (its
-        queue is bypassed); the caller bounds what it holds.
-        """
-        subscription = await self.nc.subscribe(subject, queue=queue)
-        self.nc.deliver_direct(subscription._id, deliver)
-        return subscription
 
     async def publish(self, messages: Sequence[Message], timeout: float) -> None:
         """Publish ``messages`` and wait until the server has them all.

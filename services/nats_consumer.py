@@ -48,7 +48,7 @@ class NatsConsumer:
         self.dropped = 0
         self.failed = False
 
-    def _on_data(self, data: bytes) -> None:
+    def _on_data(self, subject: bytes, data: bytes) -> None:
         # Runs in nats-py's protocol reader, once per message: kept short.
         if len(self.inbox) >= PENDING_MESSAGES or self.held_bytes > PENDING_BYTES:
             # Core NATS would drop them too (the server, for a consumer
@@ -75,8 +75,8 @@ class NatsConsumer:
         ):
             await self.nats.close()
             return 0
-        subscription = await self.nats.subscribe_direct(
-            self.settings.ingress_subject, QUEUE_GROUP, self._on_data
+        subscription = await self.nats.nc.subscribe_direct(
+            self.settings.ingress_subject, self._on_data, queue=QUEUE_GROUP
         )
         logger.info(
             "nats consumer subscribed to %s in queue group %s",
@@ -99,8 +99,13 @@ class NatsConsumer:
             self.stopping.set()
 
     async def _work(self) -> None:
+        logged = None  # the batch published last, until its audit is written
         while True:
             if not self.inbox:
+                if logged is not None:
+                    await self._log(*logged)
+                    logged = None
+                    continue
                 self.arrived.clear()
                 await self.arrived.wait()
                 continue
@@ -108,10 +113,15 @@ class NatsConsumer:
             take = self.inbox.popleft
             batch = [take() for _ in range(min(batch_size, len(self.inbox)))]
             self.held_bytes -= sum(len(raw) for _, raw in batch)
-            await self._deliver(batch)
+            messages, dead = sort_batch(self.parser, batch, self.refusals, time.time)
+            # PERF: this batch goes to NATS while the one before is logged.
+            if logged is None:
+                await self._publish(messages)
+            else:
+                await asyncio.gather(self._publish(messages), self._log(*logged))
+            logged = (messages, dead)
 
-    async def _deliver(self, batch: list[tuple[None, bytes]]) -> None:
-        messages, dead = sort_batch(self.parser, batch, self.refusals, time.time)
+    async def _publish(self, messages: list) -> None:
         if messages:
             await retry(
                 lambda: self.nats.publish(messages, self.settings.publish_timeout),
@@ -120,6 +130,7 @@ class NatsConsumer:
                 lambda: False,
             )
 
+    async def _log(self, messages: list, dead: list[bytes]) -> None:
         async def append():
             pipe = self.redis.pipeline(transaction=False)
             if messages:
