@@ -301,7 +301,7 @@ def redis_tls_launch(tmp_path, spare_servers, pki):
     "yes" requires a client certificate the CA signed.
     """
     if not REDIS_TLS_SERVER.exists():
-        reason = f"needs {REDIS_TLS_SERVER}, a Redis with TLS: run make test"
+        reason = f"needs {REDIS_TLS_SERVER}, a Redis with TLS: make test makes it"
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
