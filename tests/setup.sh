@@ -22,6 +22,8 @@ if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
 
 debs=$(mktemp -d)
 trap 'rm -rf "$debs"' EXIT
+# apt downloads as its own _apt user when it can write where it downloads.
+if [ "$(id -u)" -eq 0 ] && id _apt >/dev/null 2>&1; then chown _apt "$debs"; fi
 cd "$debs"
 # A fresh machine has no package lists yet: fetch them once, then retry.
 if ! apt-get download -q redis-tools >/dev/null 2>&1; then
