@@ -13,8 +13,12 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
-test: install
+test: install $(BIN)/redis-server-tls
 	$(BIN)/python -m pytest
+
+# Debian's redis-server, for the Redis TLS tests (see tests/setup.sh).
+$(BIN)/redis-server-tls: tests/setup.sh | install
+	sh tests/setup.sh $(VENV)
 
 run: install
 	$(BIN)/fanout run

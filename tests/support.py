@@ -159,10 +159,17 @@ class Gateway:
 class Subscriber:
     """A real NATS subscriber on its own thread, collecting what arrives."""
 
-    def __init__(self, url: str, subject: str = ">", tls: ssl.SSLContext | None = None):
+    def __init__(
+        self,
+        url: str,
+        subject: str = ">",
+        tls: ssl.SSLContext | None = None,
+        credentials: Path | None = None,
+    ):
         self.url = url
         self.subject = subject
         self.tls = tls
+        self.credentials = str(credentials) if credentials else None  # .creds file
         self.messages: list = []  # nats.aio.msg.Msg
         self._lock = threading.Lock()
         self._ready = threading.Event()
@@ -181,7 +188,12 @@ class Subscriber:
         self._loop.run_forever()
 
     async def _subscribe(self) -> None:
-        self.nc = await nats.connect(self.url, max_reconnect_attempts=-1, tls=self.tls)
+        self.nc = await nats.connect(
+            self.url,
+            max_reconnect_attempts=-1,
+            tls=self.tls,
+            user_credentials=self.credentials,
+        )
 
         async def on_message(msg):
             with self._lock:

@@ -1,14 +1,28 @@
 """Broker credentials: the gateway authenticates and never shows the secrets."""
 
+import json
 import os
 import time
+from dataclasses import dataclass
 
 import nkeys
+import pytest
 import redis
 import requests
 
 from tests.conftest import Brokers, Launcher
-from tests.support import Server, free_port, nats_server, redis_command
+from tests.nats_jwt import Operator, new_key
+from tests.support import (
+    Gateway,
+    Server,
+    Subscriber,
+    audit_log,
+    free_port,
+    nats_server,
+    redis_command,
+    wait_for_port,
+    wait_until,
+)
 
 NATS_PASSWORD = "nats-secret-pw-31415"
 NATS_TOKEN = "nats-secret-token-27182"
@@ -50,11 +64,12 @@ def deliver_one(tmp_path, nats_extra: list[str], **env: str) -> Launcher:
     return launcher
 
 
-def assert_no_secret_logged(tmp_path) -> None:
+def assert_no_secret_logged(tmp_path, *secrets: str) -> None:
+    """No gateway log holds one of SECRETS or of ``secrets``."""
     for log in tmp_path.glob("fanout-*.log"):
         text = log.read_text(errors="replace")
-        for secret in SECRETS:
-            assert secret not in text, f"{secret} in {log.name}"
+        for secret in SECRETS + secrets:
+            assert secret not in text, f"{secret[:12]}... in {log.name}"
 
 
 def test_nats_user_password_and_redis_password(tmp_path):
@@ -115,3 +130,147 @@ def test_nats_nkey_seed_file(tmp_path):
     )
     for log in tmp_path.glob("fanout-*.log"):
         assert seed.decode() not in log.read_text(errors="replace")
+
+
+@dataclass
+class OperatorMode:
+    """A nats-server in operator mode, a guarded Redis, and a NATS subscriber."""
+
+    operator: Operator
+    launcher: Launcher
+    subscriber: Subscriber
+
+    def post(self, gateway: Gateway, topic: str) -> tuple[requests.Response, str]:
+        text = json.dumps({"topic": topic, "data": {"signed": True}})
+        response = requests.post(
+            f"http://127.0.0.1:{gateway.port}/MESSAGES",
+            json={"message": text},
+            timeout=10,
+        )
+        return response, text
+
+    def audited(self) -> list[bytes]:
+        port = self.launcher.brokers.redis.port
+        client = redis.Redis(port=port, password=REDIS_PASSWORD, socket_timeout=5)
+        try:
+            return audit_log(client)
+        finally:
+            client.close()
+
+
+@pytest.fixture
+def operator_mode(tmp_path):
+    """Operator-mode NATS and a guarded Redis; the subscriber is another user."""
+    operator = Operator(tmp_path)
+    nats = nats_server(tmp_path, extra=["-c", str(operator.server_config())])
+    brokers = Brokers(nats.start(), guarded_redis(tmp_path))
+    launcher = Launcher(brokers, tmp_path)
+    watcher, _, _ = operator.user("watcher")
+    subscriber = None
+    try:
+        subscriber = Subscriber(brokers.nats_url, credentials=watcher).start()
+        yield OperatorMode(operator, launcher, subscriber)
+    finally:
+        launcher.stop_all()
+        if subscriber:
+            subscriber.close()
+        brokers.nats.stop()
+        brokers.redis.stop()
+
+
+def test_nats_creds_file(operator_mode, tmp_path):
+    """A .creds user of an operator's account publishes; JWT and seed unlogged."""
+    creds, jwt, seed = operator_mode.operator.user("fanout")
+    gateway = operator_mode.launcher.start(
+        "fanout-http",
+        FANOUT_NATS_CREDS_FILE=str(creds),
+        FANOUT_REDIS_PASSWORD=REDIS_PASSWORD,
+    )
+    response, text = operator_mode.post(gateway, "internal.creds")
+
+    assert response.status_code == 202
+    [msg] = operator_mode.subscriber.wait_for(1, "internal.")
+    assert msg.subject == "internal.creds"
+    assert msg.data == text.encode()
+    assert msg.headers["Nats-Msg-Id"] == response.json()["id"]
+    assert len(operator_mode.audited()) == 1
+    operator_mode.launcher.stop_all()
+    assert_no_secret_logged(tmp_path, jwt, seed)
+
+
+def start_stranger(operator_mode: OperatorMode) -> tuple[Gateway, str, str]:
+    """A gateway whose user JWT a key unknown to the server signed."""
+    stranger = new_key(nkeys.PREFIX_BYTE_ACCOUNT)
+    creds, jwt, seed = operator_mode.operator.user("fanout", signer=stranger)
+    gateway = operator_mode.launcher.start(
+        "fanout-http",
+        ready=False,
+        FANOUT_NATS_CREDS_FILE=str(creds),
+        FANOUT_REDIS_PASSWORD=REDIS_PASSWORD,
+        FANOUT_PUBLISH_TIMEOUT="1",
+    )
+    gateway.wait_for_log("redis connected")
+    wait_for_port(gateway.port)
+    return gateway, jwt, seed
+
+
+def test_nats_creds_of_a_stranger_are_refused(operator_mode, tmp_path):
+    """A user JWT the account did not sign gets no connection: 503, no commit."""
+    gateway, jwt, seed = start_stranger(operator_mode)
+    response, _ = operator_mode.post(gateway, "internal.stranger")
+
+    assert response.status_code == 503
+    assert response.json() == {"status": "error", "error": "nats is unreachable"}
+    nats_log = operator_mode.launcher.brokers.nats.log
+    assert wait_until(lambda: "authentication error" in nats_log.read_text())
+    time.sleep(2)  # nats-py retries the refused login meanwhile
+    assert "nats connected" not in gateway.output()
+    assert operator_mode.audited() == []
+    assert operator_mode.subscriber.received("internal.") == []
+    operator_mode.launcher.stop_all()
+    assert_no_secret_logged(tmp_path, jwt, seed)
+
+
+@pytest.mark.xfail(
+    raises=TimeoutError,
+    strict=True,
+    reason="nats-py 2.16 reports a login refused during connect() as a plain "
+    "nats.errors.Error ('Authorization Violation'), not AuthorizationError, "
+    "so the gateway logs it at debug level only",
+)
+def test_refused_creds_are_logged_as_refused(operator_mode):
+    """The gateway says, once, that NATS refused its credentials."""
+    gateway, _, _ = start_stranger(operator_mode)
+    gateway.wait_for_log("refused the gateway's credentials", timeout=5)
+
+
+def test_nats_publish_allow_list_drops_what_the_gateway_confirmed(operator_mode):
+    """Known gap: a topic the NATS user may not publish to is confirmed, not sent.
+
+    The server answers such a publish with an asynchronous -ERR
+    'Permissions Violation' and keeps the connection; the flush after it
+    still gets its PONG, so the gateway answers 202 and writes the audit
+    log for a message no subscriber ever sees.
+    """
+    creds, _, _ = operator_mode.operator.user("fanout", publish=["internal.>"])
+    gateway = operator_mode.launcher.start(
+        "fanout-http",
+        FANOUT_NATS_CREDS_FILE=str(creds),
+        FANOUT_REDIS_PASSWORD=REDIS_PASSWORD,
+    )
+    denied, _ = operator_mode.post(gateway, "outside.denied")
+    allowed, text = operator_mode.post(gateway, "internal.allowed")
+
+    # NATS keeps one connection's order: had the first message been
+    # delivered, it would have arrived before the second.
+    assert allowed.status_code == 202
+    [msg] = operator_mode.subscriber.wait_for(1, "internal.")
+    assert msg.data == text.encode()
+    assert operator_mode.subscriber.received("outside.") == []
+    nats_log = operator_mode.launcher.brokers.nats.log
+    violation = 'Publish Violation - Subject "outside.denied"'
+    assert wait_until(lambda: violation in nats_log.read_text())
+
+    assert denied.status_code == 202
+    assert len(operator_mode.audited()) == 2
+    assert "violation" not in gateway.output().lower()
