@@ -88,6 +88,7 @@ class NatsLink:
         self.connected = asyncio.Event()
         self._closing = False
         self._said: set[str] = set()  # messages _say_once already logged
+        self._denied: set[str] = set()  # subjects refused during a publish
         self._servers = ", ".join(redact_url(u) for u in settings.nats_urls)
 
     async def connect(self, stopping: asyncio.Event) -> bool:
@@ -154,7 +155,16 @@ class NatsLink:
         # (before the first connect) an unreachable server on its own,
         # without connect() ever raising: say each once. The server's text is
         # left out; OpenSSL's reason code is the client's own.
-        if isinstance(exc, nats.errors.AuthorizationError):
+        text = str(exc).lower()
+        if "permissions violation for publish to " in text:
+            # The server refused one subject and kept the connection; the
+            # error comes before the PONG that ends the same publish.
+            self._denied.add(str(exc).rpartition(" to ")[2].strip("\"' "))
+        elif (
+            isinstance(exc, nats.errors.AuthorizationError)
+            # how nats-py reports it during its first connect
+            or "authorization violation" in text
+        ):
             self._say_once(
                 logging.ERROR, "nats at %s refused the gateway's credentials"
             )
@@ -183,19 +193,22 @@ class NatsLink:
     async def _closed(self) -> None:
         self.connected.clear()
 
-    async def publish(self, messages: Sequence[Message], timeout: float) -> None:
+    async def publish(self, messages: Sequence[Message], timeout: float) -> set[str]:
         """Publish ``messages`` and wait until the server has them all.
 
         The flush is a PING/PONG round trip: the server answers a PING only
         after everything sent before it on the connection, so when the PONG
-        arrives it has every message. Raises :class:`BrokerUnavailable` if
-        that is not confirmed in time; some of the messages may still reach
-        the server later.
+        arrives it has every message. Returns the topics the server refused
+        (a publish permission the gateway's NATS user lacks): it dropped
+        the messages to those, and said so before its PONG. Raises
+        :class:`BrokerUnavailable` if the rest is not confirmed in time;
+        some of the messages may still reach the server later.
         """
         nc = self.nc
         reconnects = nc.stats["reconnects"]
         if not nc.is_connected:
             raise BrokerUnavailable("nats is not connected")
+        self._denied.clear()
         try:
             # nats-py's flush() writes its PING straight to the socket while
             # publish() leaves messages in a buffer for a flusher task to
@@ -217,6 +230,7 @@ class NatsLink:
             raise BrokerUnavailable(
                 "nats connection dropped before the message was confirmed"
             )
+        return set(self._denied)
 
     async def close(self) -> None:
         """Send what is buffered, then close; never raises.
@@ -235,6 +249,14 @@ class NatsLink:
                 await self.nc.close()
             except Exception as exc:  # noqa: BLE001 - closing: nothing left to save
                 self.logger.warning("nats close: %r", exc)
+
+
+def log_denied(logger: logging.Logger, topic: str) -> None:
+    logger.warning(
+        "nats refused publishing to %r: the gateway's nats user lacks the "
+        "permission; messages to it are refused, not confirmed",
+        topic,
+    )
 
 
 def hpub_frames(messages: Sequence[Message]) -> bytes:

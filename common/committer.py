@@ -21,8 +21,15 @@ from collections import deque
 import redis.asyncio as aioredis
 
 from common.audit import audit_entry
-from common.brokers import NatsLink
-from common.errors import BrokerUnavailable, Overloaded, RetryableError, ShuttingDown
+from common.brokers import NatsLink, log_denied
+from common.errors import (
+    BrokerUnavailable,
+    FanoutError,
+    Overloaded,
+    PublishDenied,
+    RetryableError,
+    ShuttingDown,
+)
 from common.message import Message
 from common.settings import Settings
 
@@ -138,8 +145,12 @@ class Committer:
         try:
             await self._wait_until_usable(min(item[2] for item in live))
             remaining = max(0.05, min(item[2] for item in live) - self.clock())
-            await self.nats.publish(messages, timeout=remaining)
-            await self._append_audit(messages)
+            denied = await self.nats.publish(messages, timeout=remaining)
+            if denied:
+                live = self._fail_denied(live, denied)
+                messages = [item[0] for item in live]
+            if messages:
+                await self._append_audit(messages)
         except RetryableError as exc:
             self._fail(live, exc)
             return
@@ -187,7 +198,15 @@ class Committer:
                 "reached NATS, send it again with the same id"
             ) from exc
 
-    def _fail(self, items: list[_Item], exc: RetryableError) -> None:
+    def _fail_denied(self, items: list[_Item], denied: set[str]) -> list[_Item]:
+        """Refuse the messages to topics NATS refused; the others remain."""
+        for topic in denied:
+            log_denied(self.logger, topic)
+            refused = [item for item in items if item[0].topic == topic]
+            self._fail(refused, PublishDenied(topic))
+        return [item for item in items if item[0].topic not in denied]
+
+    def _fail(self, items: list[_Item], exc: FanoutError) -> None:
         self.failed += len(items)
         unconfirmed = 0
         for _, waiter, _ in items:
@@ -221,7 +240,7 @@ class Committer:
                 self._queue.clear()
                 self._fail(leftover, ShuttingDown("the gateway stopped"))
         self.logger.info(
-            "committer closed: %d committed in %d batches, %d refused as retryable",
+            "committer closed: %d committed in %d batches, %d refused",
             self.committed,
             self.batches,
             self.failed,

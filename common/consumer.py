@@ -10,8 +10,8 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 
 from common.audit import dead_entry
-from common.brokers import backoff_delays
-from common.errors import FanoutError, RejectedError, RetryableError
+from common.brokers import backoff_delays, log_denied
+from common.errors import FanoutError, PublishDenied, RejectedError, RetryableError
 from common.logs import RateLimited
 from common.message import Message, Parser
 
@@ -42,6 +42,31 @@ def sort_batch(
             reason = f"internal error: {exc.__class__.__name__}: {exc}"
             dead.append(dead_entry(raw, reason, parser.ingress, clock()))
     return messages, dead
+
+
+def split_denied(
+    messages: list[Message],
+    denied: set[str],
+    ingress: str,
+    logger: logging.Logger,
+    clock=time.time,
+) -> tuple[list[Message], list[bytes]]:
+    """The messages NATS took, and dead letters for those to refused topics.
+
+    A dead letter keeps the message as it was published (for a bare item,
+    the item itself).
+    """
+    if not denied:
+        return messages, []
+    for topic in denied:
+        log_denied(logger, topic)
+    kept = [m for m in messages if m.topic not in denied]
+    dead = [
+        dead_entry(m.payload, str(PublishDenied(m.topic)), ingress, clock())
+        for m in messages
+        if m.topic in denied
+    ]
+    return kept, dead
 
 
 async def retry(

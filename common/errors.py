@@ -51,5 +51,22 @@ class BulkTooLarge(RejectedError):
     http_status = 413
 
 
+class PublishDenied(RejectedError):
+    """The NATS server does not let the gateway's user publish to the topic.
+
+    The server drops such a message and says so; the gateway passes that on
+    instead of confirming it.
+    """
+
+    http_status = 403
+
+    def __init__(self, topic: str):
+        super().__init__(
+            f'"topic" {topic!r} was refused by the nats server: the gateway '
+            "may not publish there"
+        )
+        self.topic = topic
+
+
 class ConfigError(FanoutError):
     """A setting has a value the process cannot start with."""

@@ -262,7 +262,7 @@ _refusals = logs.RateLimited(logger)
 
 async def _wait_all(
     waiters: list[asyncio.Future | None],
-) -> list[RetryableError | None]:
+) -> list[FanoutError | None]:
     """Each waiter's failure, or None once its message is confirmed.
 
     A waiter is None when confirmation is off: accepted on receipt.
@@ -272,9 +272,7 @@ async def _wait_all(
     failures = []
     for waiter in waiters:
         outcome = None if waiter is None else next(done)
-        if isinstance(outcome, BaseException) and not isinstance(
-            outcome, RetryableError
-        ):
+        if isinstance(outcome, BaseException) and not isinstance(outcome, FanoutError):
             raise outcome
         failures.append(outcome)
     return failures

@@ -19,7 +19,7 @@ import nats.errors
 from common import logs, runtime
 from common.audit import audit_entry
 from common.brokers import NatsLink, redis_client, wait_for_redis
-from common.consumer import retry, sort_batch
+from common.consumer import retry, sort_batch, split_denied
 from common.message import Parser
 from common.settings import Settings
 
@@ -116,19 +116,23 @@ class NatsConsumer:
             messages, dead = sort_batch(self.parser, batch, self.refusals, time.time)
             # PERF: this batch goes to NATS while the one before is logged.
             if logged is None:
-                await self._publish(messages)
+                denied = await self._publish(messages)
             else:
-                await asyncio.gather(self._publish(messages), self._log(*logged))
-            logged = (messages, dead)
+                denied, _ = await asyncio.gather(
+                    self._publish(messages), self._log(*logged)
+                )
+            messages, refused = split_denied(messages, denied, "nats", logger)
+            logged = (messages, dead + refused)
 
-    async def _publish(self, messages: list) -> None:
-        if messages:
-            await retry(
-                lambda: self.nats.publish(messages, self.settings.publish_timeout),
-                f"publishing {len(messages)} messages to nats",
-                logger,
-                lambda: False,
-            )
+    async def _publish(self, messages: list) -> set[str]:
+        if not messages:
+            return set()
+        return await retry(
+            lambda: self.nats.publish(messages, self.settings.publish_timeout),
+            f"publishing {len(messages)} messages to nats",
+            logger,
+            lambda: False,
+        )
 
     async def _log(self, messages: list, dead: list[bytes]) -> None:
         async def append():

@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 from common import logs, runtime
 from common.audit import audit_entry
 from common.brokers import NatsLink, redis_client, wait_for_redis
-from common.consumer import retry, sort_batch
+from common.consumer import retry, sort_batch, split_denied
 from common.message import MessageIds, Parser
 from common.settings import Settings
 
@@ -259,14 +259,16 @@ class RedisConsumer:
         messages, dead = sort_batch(self.parser, items, self.refusals)
 
         if messages:
-            published = await retry(
+            denied = await retry(
                 lambda: self.nats.publish(messages, self.settings.publish_timeout),
                 f"publishing {len(messages)} messages to nats",
                 logger,
                 self._past_stop_deadline,
             )
-            if published is None and self._past_stop_deadline():
+            if denied is None and self._past_stop_deadline():
                 return None
+            messages, refused = split_denied(messages, denied or set(), "redis", logger)
+            dead += refused
         first_line = entries[0][: entries[0].index(b"\n") + 1]
         return Commit(
             first_line, len(entries), [audit_entry(m) for m in messages], dead

@@ -154,7 +154,7 @@ class Session:
         if waiter is not None:
             try:
                 await waiter
-            except RetryableError as exc:
+            except FanoutError as exc:  # a broker outage, or NATS refused it
                 return _error_frame(exc)
         return orjson.dumps(
             {"status": "accepted", "id": message.id, "topic": message.topic}

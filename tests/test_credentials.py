@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 import nkeys
+import orjson
 import pytest
 import redis
 import requests
@@ -149,9 +150,12 @@ class OperatorMode:
         )
         return response, text
 
-    def audited(self) -> list[bytes]:
+    def redis(self) -> redis.Redis:
         port = self.launcher.brokers.redis.port
-        client = redis.Redis(port=port, password=REDIS_PASSWORD, socket_timeout=5)
+        return redis.Redis(port=port, password=REDIS_PASSWORD, socket_timeout=5)
+
+    def audited(self) -> list[bytes]:
+        client = self.redis()
         try:
             return audit_log(client)
         finally:
@@ -231,46 +235,57 @@ def test_nats_creds_of_a_stranger_are_refused(operator_mode, tmp_path):
     assert_no_secret_logged(tmp_path, jwt, seed)
 
 
-@pytest.mark.xfail(
-    raises=TimeoutError,
-    strict=True,
-    reason="nats-py 2.16 reports a login refused during connect() as a plain "
-    "nats.errors.Error ('Authorization Violation'), not AuthorizationError, "
-    "so the gateway logs it at debug level only",
-)
 def test_refused_creds_are_logged_as_refused(operator_mode):
     """The gateway says, once, that NATS refused its credentials."""
     gateway, _, _ = start_stranger(operator_mode)
     gateway.wait_for_log("refused the gateway's credentials", timeout=5)
+    time.sleep(1.5)  # nats-py retries the refused login meanwhile
+    assert gateway.output().count("refused the gateway's credentials") == 1
 
 
-def test_nats_publish_allow_list_drops_what_the_gateway_confirmed(operator_mode):
-    """Known gap: a topic the NATS user may not publish to is confirmed, not sent.
+def test_topic_outside_the_nats_allow_list_is_refused_not_confirmed(
+    operator_mode,
+):
+    """A topic the gateway's NATS user may not publish to: 403, nothing logged.
 
-    The server answers such a publish with an asynchronous -ERR
-    'Permissions Violation' and keeps the connection; the flush after it
-    still gets its PONG, so the gateway answers 202 and writes the audit
-    log for a message no subscriber ever sees.
+    The server drops such a message with an -ERR 'Permissions Violation'
+    and keeps the connection; the gateway reads that before the flush's
+    PONG and refuses the message instead of confirming it. The same
+    connection's next message goes through.
     """
     creds, _, _ = operator_mode.operator.user("fanout", publish=["internal.>"])
-    gateway = operator_mode.launcher.start(
-        "fanout-http",
-        FANOUT_NATS_CREDS_FILE=str(creds),
-        FANOUT_REDIS_PASSWORD=REDIS_PASSWORD,
-    )
+    env = {
+        "FANOUT_NATS_CREDS_FILE": str(creds),
+        "FANOUT_REDIS_PASSWORD": REDIS_PASSWORD,
+    }
+    gateway = operator_mode.launcher.start("fanout-http", **env)
     denied, _ = operator_mode.post(gateway, "outside.denied")
     allowed, text = operator_mode.post(gateway, "internal.allowed")
 
-    # NATS keeps one connection's order: had the first message been
-    # delivered, it would have arrived before the second.
+    assert denied.status_code == 403
+    assert denied.json()["error"] == (
+        "\"topic\" 'outside.denied' was refused by the nats server: the "
+        "gateway may not publish there"
+    )
     assert allowed.status_code == 202
     [msg] = operator_mode.subscriber.wait_for(1, "internal.")
     assert msg.data == text.encode()
     assert operator_mode.subscriber.received("outside.") == []
-    nats_log = operator_mode.launcher.brokers.nats.log
-    violation = 'Publish Violation - Subject "outside.denied"'
-    assert wait_until(lambda: violation in nats_log.read_text())
+    [entry] = operator_mode.audited()
+    assert orjson.loads(entry)["topic"] == "internal.allowed"
+    assert "nats refused publishing to 'outside.denied'" in gateway.output()
 
-    assert denied.status_code == 202
+    # A Redis-list item to such a topic is kept as a dead letter.
+    consumer = operator_mode.launcher.start("fanout-redis", **env)
+    client = operator_mode.redis()
+    client.rpush("MESSAGES", orjson.dumps({"topic": "outside.queued", "n": 1}))
+    client.rpush("MESSAGES", orjson.dumps({"topic": "internal.queued", "n": 2}))
+    operator_mode.subscriber.wait_for(1, "internal.queued")
+    assert wait_until(lambda: client.llen("MESSAGES:dead") == 1)
+    dead = orjson.loads(client.lindex("MESSAGES:dead", 0))
+    assert dead["reason"].startswith("\"topic\" 'outside.queued' was refused")
+    assert orjson.loads(dead["raw"]) == {"topic": "outside.queued", "n": 1}
     assert len(operator_mode.audited()) == 2
-    assert "violation" not in gateway.output().lower()
+    assert operator_mode.subscriber.received("outside.") == []
+    client.close()
+    consumer.stop()
