@@ -1,8 +1,10 @@
-"""Delivery promises of the Redis consumer and the shared Redis pool."""
+"""Delivery promises: the Redis consumer, the shared Redis pool, the NATS flush."""
 
 import concurrent.futures
 import json
 import signal
+import socket
+import threading
 import time
 
 import orjson
@@ -112,3 +114,75 @@ def test_burst_waits_for_a_small_redis_pool(launch, subscriber, rdb):
     messages = subscriber.wait_for(200, "internal.burst")
     assert sorted(orjson.loads(m.data)["n"] for m in messages) == list(range(200))
     assert rdb.llen("MESSAGES:log") == 200
+
+
+class RecordingProxy:
+    """A loopback TCP relay to ``port`` that keeps what the client sent."""
+
+    def __init__(self, port: int):
+        self.upstream = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sent = bytearray()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(
+                target=self._pump, args=(client, server, True), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(server, client, False), daemon=True
+            ).start()
+
+    def _pump(self, source, target, record: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if record:
+                    with self._lock:
+                        self.sent += data
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_confirmed_message_went_out_before_the_ping_that_confirmed_it(
+    launch, brokers
+):
+    """The flush's PING follows the message on the wire, never precedes it.
+
+    NATS answers a PING after everything sent before it, so a PONG proves
+    receipt only of what went out first. (nats-py's own flush writes its PING
+    ahead of the publishes it still buffers.)
+    """
+    proxy = RecordingProxy(brokers.nats.port)
+    try:
+        gateway = launch.start(
+            "fanout-http", FANOUT_NATS_URL=f"nats://127.0.0.1:{proxy.port}"
+        )
+        url = f"http://127.0.0.1:{gateway.port}/MESSAGES"
+        for n in range(5):
+            body = {"message": {"topic": "internal.order", "n": n}}
+            assert requests.post(url, json=body, timeout=10).status_code == 202
+            with proxy._lock:
+                sent = bytes(proxy.sent)
+            frame = sent.rindex(b"HPUB internal.order ")
+            assert b'"n":%d' % n in sent[frame:]
+            assert b"PING\r\n" in sent[frame:], sent[-200:]
+    finally:
+        proxy.close()
