@@ -38,7 +38,9 @@ class FanoutWorker(UvicornWorker):
         settings = settings_module.load_or_exit()
         self.CONFIG_KWARGS = {
             "loop": "uvloop",
-            "http": guarded_protocol(settings.http_header_timeout),
+            "http": guarded_protocol(
+                settings.http_header_timeout, settings.http_body_timeout
+            ),
             "limit_concurrency": settings.http_max_connections,
             "server_header": False,
             "timeout_graceful_shutdown": settings.shutdown_timeout / 2,  # seconds

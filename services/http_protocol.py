@@ -5,11 +5,13 @@ and never finishes its request headers (a slowloris): this protocol gives
 every request :attr:`GuardedHttpTools.header_timeout` seconds from the
 connection (or from the request's first byte) to complete its headers, and
 caps the bytes of the request line and headers at :data:`MAX_HEAD_BYTES`.
-Body reads are timed by the app itself (``FANOUT_HTTP_BODY_TIMEOUT``).
+A body that has not fully arrived :attr:`GuardedHttpTools.body_timeout`
+seconds after its headers is answered 408 too.
 """
 
 import asyncio
 
+import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
@@ -17,11 +19,14 @@ MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
 
 class GuardedHttpTools(HttpToolsProtocol):
     header_timeout = 10.0  # seconds; set per process by guarded_protocol()
+    body_timeout = 30.0  # seconds; likewise
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._reading_body = False
         self._arm_header_timer()
 
     def _arm_header_timer(self) -> None:
@@ -56,26 +61,63 @@ class GuardedHttpTools(HttpToolsProtocol):
                 self._refuse(b"431 Request Header Fields Too Large")
                 return
         super().data_received(data)
+        # PERF: timed only when a body is still to come; most requests
+        # arrive whole in one read and need no timer at all.
+        if self._reading_body and self._body_timer is None:
+            self._body_timer = self.loop.call_later(
+                self.body_timeout, self._body_too_slow
+            )
 
-    def _refuse(self, status: bytes) -> None:
+    def _body_too_slow(self) -> None:
+        self._body_timer = None
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started:
+            self.transport.close()  # answered already; stop waiting for it
+            return
+        text = (
+            f"the request body did not arrive within {self.body_timeout:g} s "
+            "(FANOUT_HTTP_BODY_TIMEOUT)"
+        )
+        self._refuse(
+            b"408 Request Timeout",
+            orjson.dumps({"status": "error", "error": text}),
+        )
+
+    def _refuse(self, status: bytes, body: bytes = b"") -> None:
         if not self.transport.is_closing():
+            kind = b"Content-Type: application/json\r\n" if body else b""
             self.transport.write(
-                b"HTTP/1.1 " + status + b"\r\nConnection: close\r\n"
-                b"Content-Length: 0\r\n\r\n"
+                b"HTTP/1.1 %s\r\nConnection: close\r\n%sContent-Length: %d\r\n"
+                b"\r\n%s" % (status, kind, len(body), body)
             )
             self.transport.close()
 
     def on_headers_complete(self) -> None:
         self._disarm_header_timer()
+        self._reading_body = True
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._reading_body = False
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
         super().connection_lost(exc)
 
 
-def guarded_protocol(header_timeout: float) -> type[GuardedHttpTools]:
-    """The protocol class with this process's header timeout."""
+def guarded_protocol(
+    header_timeout: float, body_timeout: float
+) -> type[GuardedHttpTools]:
+    """The protocol class with this process's header and body timeouts."""
     return type(
-        "GuardedHttpTools", (GuardedHttpTools,), {"header_timeout": header_timeout}
+        "GuardedHttpTools",
+        (GuardedHttpTools,),
+        {"header_timeout": header_timeout, "body_timeout": body_timeout},
     )
