@@ -73,6 +73,10 @@ class Session:
         self.patterns = patterns  # of the client's token
         self.answers: asyncio.Queue = asyncio.Queue(maxsize=WINDOW)
         self.read_task: asyncio.Task | None = None
+        self._receiving = False  # the reader waits in recv()
+        self._last_frame = 0.0  # loop time of the last frame read
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_out = False
 
     async def run(self) -> None:
         writer_task = asyncio.create_task(self._write(), name="ws-writer")
@@ -87,23 +91,54 @@ class Session:
             await self.answers.put(_END)
             await writer_task
 
+    def _watch_idle(self) -> None:
+        """Cancel the reader once it has waited ``ws_idle_timeout`` for a frame.
+
+        PERF: one timer a connection, re-armed as frames come, rather than a
+        timeout around every recv(). Only a reader waiting in recv() is
+        cancelled, which loses no frame; one busy handing over answers is
+        not idle.
+        """
+        loop = asyncio.get_running_loop()
+        idle = self.ingress.settings.ws_idle_timeout
+        quiet = loop.time() - self._last_frame
+        if self._receiving and quiet >= idle:
+            self._idle_timer = None
+            self._idle_out = True
+            self.read_task.cancel()
+            return
+        self._idle_timer = loop.call_later(max(idle - quiet, 0.05), self._watch_idle)
+
     async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_frame = loop.time()
+        self._watch_idle()
+        try:
+            await self._read_frames(loop)
+        except asyncio.CancelledError:
+            if not self._idle_out:
+                raise
+            idle = self.ingress.settings.ws_idle_timeout
+            await self.answers.put(_Close(1001, f"idle for {idle:g} s"))
+        finally:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+
+    async def _read_frames(self, loop: asyncio.AbstractEventLoop) -> None:
         parser = self.ingress.parser
         submit = self.ingress.committer.submit
         put = self.answers.put
-        idle = self.ingress.settings.ws_idle_timeout
         stopping = self.ingress.stopping
+        recv = self.ws.recv
         try:
             while True:
-                # Bytes, undecoded: orjson checks the UTF-8 itself. Not
-                # wait_for(): on Python 3.11 it can swallow the cancellation
-                # that shutdown uses to stop this reader.
+                # Bytes, undecoded: orjson checks the UTF-8 itself.
+                self._receiving = True
                 try:
-                    async with asyncio.timeout(idle):
-                        data = await self.ws.recv(decode=False)
-                except TimeoutError:
-                    await put(_Close(1001, f"idle for {idle:g} s"))
-                    return
+                    data = await recv(decode=False)
+                finally:
+                    self._receiving = False
+                self._last_frame = loop.time()
                 if stopping.is_set():
                     return  # read after shutdown began: not taken, not answered
                 if len(data) > parser.max_bytes:
