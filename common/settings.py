@@ -319,9 +319,10 @@ SETTINGS: tuple[Setting, ...] = (
         "batch_size",
         "FANOUT_BATCH_SIZE",
         "integer",
-        "500",
+        "2000",
         _integer(1, 100_000),
-        "Most messages published, logged and confirmed together in one batch.",
+        "Most messages published, logged and confirmed together in one batch "
+        "(a batch also stops at 8 MiB of messages).",
     ),
     Setting(
         "max_message_bytes",

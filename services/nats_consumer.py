@@ -19,6 +19,7 @@ import nats.errors
 from common import logs, runtime
 from common.audit import audit_entry
 from common.brokers import NatsLink, redis_client, wait_for_redis
+from common.committer import take_batch
 from common.consumer import retry, sort_batch, split_denied
 from common.message import Parser
 from common.settings import Settings
@@ -109,9 +110,7 @@ class NatsConsumer:
                 self.arrived.clear()
                 await self.arrived.wait()
                 continue
-            batch_size = self.settings.batch_size
-            take = self.inbox.popleft
-            batch = [take() for _ in range(min(batch_size, len(self.inbox)))]
+            batch = take_batch(self.inbox, self.settings.batch_size, _raw_size)
             self.held_bytes -= sum(len(raw) for _, raw in batch)
             messages, dead = sort_batch(self.parser, batch, self.refusals, time.time)
             # PERF: this batch goes to NATS while the one before is logged.
@@ -179,6 +178,10 @@ class NatsConsumer:
             self.dead_lettered,
             self.dropped,
         )
+
+
+def _raw_size(item: tuple[None, bytes]) -> int:
+    return len(item[1])
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 from common import logs, runtime
 from common.audit import audit_entry
 from common.brokers import NatsLink, redis_client, wait_for_redis
+from common.committer import BATCH_BYTES
 from common.consumer import retry, sort_batch, split_denied
 from common.message import MessageIds, Parser
 from common.settings import Settings
@@ -136,6 +137,10 @@ class RedisConsumer:
         self.processing = f"{prefix}:processing:{self.name}"
         self.heartbeat = f"{prefix}:consumer:{self.name}"
         self.batch_size = min(settings.batch_size, MAX_BATCH)
+        # How many items a take asks for: as many as fit BATCH_BYTES at the
+        # size of the items seen last, so that large items come in small
+        # batches. At first, sized for the largest message allowed.
+        self.take_count = self._fitting(settings.max_message_bytes)
         self.parser = Parser.for_ingress("redis", settings)
         self.ids = MessageIds()
         self.refusals = logs.RateLimited(logger)
@@ -211,7 +216,7 @@ class RedisConsumer:
         while not self.nats.connected.is_set() and not self.stopping.is_set():
             await _first(self.nats.connected.wait(), self.stopping.wait())
         self.batches += 1
-        count = 0 if self.stopping.is_set() else self.batch_size
+        count = 0 if self.stopping.is_set() else self.take_count
         args = [count, f"{self.ids.prefix}-{self.batches:x}.", skip]
         args += commit.args() if commit else ["", 0, 0]
         keys = [
@@ -252,6 +257,7 @@ class RedisConsumer:
 
     async def _publish(self, entries: list[bytes]) -> "Commit | None":
         """Publish a batch to NATS; what committing it will take, or None."""
+        self.take_count = self._fitting(sum(len(e) for e in entries) / len(entries))
         items = []
         for entry in entries:
             message_id, _, raw = entry.partition(b"\n")
@@ -273,6 +279,9 @@ class RedisConsumer:
         return Commit(
             first_line, len(entries), [audit_entry(m) for m in messages], dead
         )
+
+    def _fitting(self, item_bytes: float) -> int:
+        return max(1, min(self.batch_size, int(BATCH_BYTES // max(item_bytes, 1))))
 
     def _past_stop_deadline(self) -> bool:
         if not self.stopping.is_set():
