@@ -5,6 +5,7 @@ port or to another host.
 """
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import nats
 import redis
+import requests
 
 from services.broker import nats_command, redis_command
 
@@ -228,3 +230,14 @@ class Subscriber:
 
 def audit_log(client: redis.Redis, key: str = "MESSAGES:log") -> list[bytes]:
     return client.lrange(key, 0, -1)
+
+
+def post_one(gateway: "Gateway", topic: str) -> tuple[requests.Response, str]:
+    """POST one message as JSON text; the answer and the text sent."""
+    text = json.dumps({"topic": topic, "data": {"n": 1}})
+    response = requests.post(
+        f"http://127.0.0.1:{gateway.port}/MESSAGES",
+        json={"message": text},
+        timeout=10,
+    )
+    return response, text

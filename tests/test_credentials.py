@@ -1,6 +1,5 @@
 """Broker credentials: the gateway authenticates and never shows the secrets."""
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from tests.support import (
     audit_log,
     free_port,
     nats_server,
+    post_one,
     redis_command,
     wait_for_port,
     wait_until,
@@ -141,15 +141,6 @@ class OperatorMode:
     launcher: Launcher
     subscriber: Subscriber
 
-    def post(self, gateway: Gateway, topic: str) -> tuple[requests.Response, str]:
-        text = json.dumps({"topic": topic, "data": {"signed": True}})
-        response = requests.post(
-            f"http://127.0.0.1:{gateway.port}/MESSAGES",
-            json={"message": text},
-            timeout=10,
-        )
-        return response, text
-
     def redis(self) -> redis.Redis:
         port = self.launcher.brokers.redis.port
         return redis.Redis(port=port, password=REDIS_PASSWORD, socket_timeout=5)
@@ -190,7 +181,7 @@ def test_nats_creds_file(operator_mode, tmp_path):
         FANOUT_NATS_CREDS_FILE=str(creds),
         FANOUT_REDIS_PASSWORD=REDIS_PASSWORD,
     )
-    response, text = operator_mode.post(gateway, "internal.creds")
+    response, text = post_one(gateway, "internal.creds")
 
     assert response.status_code == 202
     [msg] = operator_mode.subscriber.wait_for(1, "internal.")
@@ -221,7 +212,7 @@ def start_stranger(operator_mode: OperatorMode) -> tuple[Gateway, str, str]:
 def test_nats_creds_of_a_stranger_are_refused(operator_mode, tmp_path):
     """A user JWT the account did not sign gets no connection: 503, no commit."""
     gateway, jwt, seed = start_stranger(operator_mode)
-    response, _ = operator_mode.post(gateway, "internal.stranger")
+    response, _ = post_one(gateway, "internal.stranger")
 
     assert response.status_code == 503
     assert response.json() == {"status": "error", "error": "nats is unreachable"}
@@ -259,8 +250,8 @@ def test_topic_outside_the_nats_allow_list_is_refused_not_confirmed(
         "FANOUT_REDIS_PASSWORD": REDIS_PASSWORD,
     }
     gateway = operator_mode.launcher.start("fanout-http", **env)
-    denied, _ = operator_mode.post(gateway, "outside.denied")
-    allowed, text = operator_mode.post(gateway, "internal.allowed")
+    denied, _ = post_one(gateway, "outside.denied")
+    allowed, text = post_one(gateway, "internal.allowed")
 
     assert denied.status_code == 403
     assert denied.json()["error"] == (

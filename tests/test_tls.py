@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import redis
-import requests
 
 from tests.conftest import Brokers, Launcher
 from tests.support import (
@@ -30,6 +29,7 @@ from tests.support import (
     audit_log,
     free_port,
     nats_server,
+    post_one,
     redis_server,
     wait_for_port,
 )
@@ -161,17 +161,6 @@ def tls_launch(tmp_path, spare_servers):
 
 def tls_url(launcher: Launcher) -> str:
     return f"tls://127.0.0.1:{launcher.brokers.nats.port}"
-
-
-def post_one(gateway: Gateway, topic: str) -> tuple[requests.Response, str]:
-    """POST one message as JSON text; the answer and the text sent."""
-    text = json.dumps({"topic": topic, "data": {"secure": True}})
-    response = requests.post(
-        f"http://127.0.0.1:{gateway.port}/MESSAGES",
-        json={"message": text},
-        timeout=10,
-    )
-    return response, text
 
 
 def assert_never_connects(gateway: Gateway, launcher: Launcher, reason: str) -> None:
