@@ -160,7 +160,7 @@ class NatsLink:
         if "permissions violation for publish to " in text:
             # The server refused one subject and kept the connection; the
             # error comes before the PONG that ends the same publish.
-            self._denied.add(str(exc).rpartition(" to ")[2].strip("\"' "))
+            self._denied.add(denied_subject(text))
         elif (
             isinstance(exc, nats.errors.AuthorizationError)
             # how nats-py reports it during its first connect
@@ -201,7 +201,10 @@ class NatsLink:
         after everything sent before it on the connection, so when the PONG
         arrives it has every message. Returns the topics the server refused
         (a publish permission the gateway's NATS user lacks): it dropped
-        the messages to those, and said so before its PONG. Raises
+        the messages to those, and said so before its PONG. nats-py
+        lowercases that error, so a topic differing only in case from a
+        refused one in the same batch is refused too: refused, never
+        confirmed wrongly. Raises
         :class:`BrokerUnavailable` if the rest is not confirmed in time;
         some of the messages may still reach the server later.
         """
@@ -218,8 +221,8 @@ class NatsLink:
             # one write, so the PING follows it. (This also spares nats-py's
             # per-message publish, the largest cost of a consumer.)
             nc._transport.write(hpub_frames(messages))
-            await nc.flush(timeout=timeout)
-        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            await self._round_trip(timeout)
+        except (nats.errors.Error, OSError) as exc:
             raise BrokerUnavailable(
                 f"nats did not confirm the message ({exc.__class__.__name__})"
             ) from exc
@@ -231,7 +234,36 @@ class NatsLink:
             raise BrokerUnavailable(
                 "nats connection dropped before the message was confirmed"
             )
-        return set(self._denied)
+        if not self._denied:
+            return set()
+        # nats-py lowercases the server's error text.
+        return {m.topic for m in messages if m.topic.lower() in self._denied}
+
+    async def _round_trip(self, timeout: float) -> None:
+        """PING, and wait up to ``timeout`` seconds for its PONG.
+
+        Not nats-py's flush(): on a timeout it cancels the future its PONG
+        would resolve, and when that PONG comes late nats-py's reader dies
+        on the cancelled future while the connection still looks up, after
+        which every flush returns at once without a round trip. This future
+        is left for a late PONG to resolve harmlessly.
+        """
+        nc = self.nc
+        reader = nc._reading_task
+        if reader is None or reader.done():
+            # A reader that died leaves a connection that confirms nothing:
+            # only a new connection helps.
+            self.logger.warning("nats connection stopped reading; reconnecting")
+            await nc.force_reconnect()
+            raise BrokerUnavailable("nats connection broke; reconnecting")
+        pong = asyncio.get_running_loop().create_future()
+        await nc._send_ping(pong)
+        try:
+            await asyncio.wait_for(asyncio.shield(pong), timeout)
+        except TimeoutError:
+            raise BrokerUnavailable(
+                "nats did not confirm the message in time"
+            ) from None
 
     async def close(self) -> None:
         """Send what is buffered, then close; never raises.
@@ -250,6 +282,18 @@ class NatsLink:
                 await self.nc.close()
             except Exception as exc:  # noqa: BLE001 - closing: nothing left to save
                 self.logger.warning("nats close: %r", exc)
+
+
+def denied_subject(text: str) -> str:
+    """The subject of a "Permissions Violation for Publish to ..." error.
+
+    The server quotes it in double quotes, which are stripped once: the
+    subject itself may begin or end with any quote character.
+    """
+    subject = text.rpartition(" to ")[2].strip()
+    if len(subject) >= 2 and subject[0] == subject[-1] == '"':
+        subject = subject[1:-1]
+    return subject
 
 
 def log_denied(logger: logging.Logger, topic: str) -> None:
@@ -368,14 +412,21 @@ async def wait_for_redis(
     logger: logging.Logger,
     stopping: asyncio.Event,
 ) -> bool:
-    """PING until Redis answers, with backoff; False if stopping first."""
+    """PING until Redis answers, with backoff; False if stopping first.
+
+    The first failure is logged as a warning, the retries after it at debug
+    level: one line for the outage, one when Redis answers.
+    """
     delays = backoff_delays()
+    failures = 0
     while not stopping.is_set():
         try:
             await client.ping()
         except (aioredis.RedisError, OSError) as exc:
             delay = next(delays)
-            logger.warning(
+            failures += 1
+            logger.log(
+                logging.WARNING if failures == 1 else logging.DEBUG,
                 "redis unreachable at %s (%s); retrying in %.1f s",
                 redact_url(url),
                 exc.__class__.__name__,

@@ -156,7 +156,17 @@ class Committer:
                 # its NATS and Redis round trips) for each of them.
                 await asyncio.sleep(0)
                 continue
-            await self._commit(take_batch(queue, batch_size, _message_size))
+            batch = take_batch(queue, batch_size, _message_size)
+            try:
+                await self._commit(batch)
+            except Exception:  # noqa: BLE001 - the committer must outlive a bug
+                # A commit task that died would leave every later message
+                # waiting for ever.
+                self.logger.exception("commit of %d messages failed", len(batch))
+                self._fail(
+                    batch,
+                    BrokerUnavailable("internal error; send it again with the same id"),
+                )
 
     async def _commit(self, batch: list[_Item]) -> None:
         now = self.clock()

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoPermissionError
 
 from common.audit import dead_entry
 from common.brokers import backoff_delays, log_denied
@@ -89,13 +90,21 @@ async def retry(
             RetryableError,
             aioredis.ConnectionError,
             aioredis.TimeoutError,
+            NoPermissionError,
             OSError,
         ) as exc:
-            # Only outages are retried: a refused command (ResponseError)
-            # is a bug that retrying would hide.
+            # Outages are retried, and so is a Redis ACL that does not allow
+            # the command (the operator can fix it; meanwhile nothing held
+            # is dropped). Any other refused command is a bug that retrying
+            # would hide.
             failures += 1
             if failures == 1:
-                logger.warning("%s failed (%s); retrying", what, _brief(exc))
+                level = (
+                    logging.ERROR
+                    if isinstance(exc, NoPermissionError)
+                    else logging.WARNING
+                )
+                logger.log(level, "%s failed (%s); retrying", what, _brief(exc))
             if give_up():
                 return None
             await asyncio.sleep(next(delays))

@@ -106,6 +106,22 @@ def _single_url(schemes: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
+def _redis_url(text: str) -> str:
+    """One redis:// or rediss:// URL whose query redis-py understands."""
+    url = _single_url(("redis", "rediss"))(text)
+    from redis.asyncio.connection import Connection, SSLConnection, parse_url
+
+    try:
+        options = parse_url(url)
+        options.pop("connection_class", None)
+        (SSLConnection if url.startswith("rediss://") else Connection)(**options)
+    except (TypeError, ValueError) as exc:
+        # redis-py passes an unknown query parameter on as an argument,
+        # which fails only when the first connection is made.
+        raise ValueError(f"redis-py cannot use its query: {exc}") from None
+    return url
+
+
 def _bind(text: str) -> tuple[str, int]:
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host:
@@ -170,7 +186,7 @@ SETTINGS: tuple[Setting, ...] = (
         "FANOUT_REDIS_URL",
         "URL",
         "redis://127.0.0.1:6379/0",
-        _single_url(("redis", "rediss")),
+        _redis_url,
         "Redis server for the ingress list, the audit log and the dead-letter "
         "list. Unset: run an embedded Redis-compatible server.",
     ),

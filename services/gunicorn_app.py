@@ -39,7 +39,9 @@ class FanoutWorker(UvicornWorker):
         self.CONFIG_KWARGS = {
             "loop": "uvloop",
             "http": guarded_protocol(
-                settings.http_header_timeout, settings.http_body_timeout
+                settings.http_header_timeout,
+                settings.http_body_timeout,
+                max(settings.max_message_bytes, settings.max_bulk_bytes),
             ),
             "limit_concurrency": settings.http_max_connections,
             "server_header": False,

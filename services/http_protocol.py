@@ -6,7 +6,9 @@ every request :attr:`GuardedHttpTools.header_timeout` seconds from the
 connection (or from the request's first byte) to complete its headers, and
 caps the bytes of the request line and headers at :data:`MAX_HEAD_BYTES`.
 A body that has not fully arrived :attr:`GuardedHttpTools.body_timeout`
-seconds after its headers is answered 408 too.
+seconds after its headers is answered 408 too, and one whose Content-Length
+is over :attr:`GuardedHttpTools.max_body` gets 413 without a byte of it read
+(Falcon waits for a first body chunk before it calls the app).
 """
 
 import asyncio
@@ -20,6 +22,7 @@ MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
 class GuardedHttpTools(HttpToolsProtocol):
     header_timeout = 10.0  # seconds; set per process by guarded_protocol()
     body_timeout = 30.0  # seconds; likewise
+    max_body = 16 * 1024 * 1024  # bytes, the largest body any request may have
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -96,6 +99,17 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._disarm_header_timer()
         self._reading_body = True
         super().on_headers_complete()
+        length = next((v for n, v in self.headers if n == b"content-length"), b"")
+        if length.isdigit() and int(length) > self.max_body:
+            text = (
+                f"request body is {int(length)} bytes; no request may be larger "
+                f"than {self.max_body} bytes (FANOUT_MAX_MESSAGE_BYTES, "
+                "FANOUT_MAX_BULK_BYTES)"
+            )
+            self._refuse(
+                b"413 Content Too Large",
+                orjson.dumps({"status": "error", "error": text}),
+            )
 
     def on_message_complete(self) -> None:
         self._reading_body = False
@@ -113,11 +127,15 @@ class GuardedHttpTools(HttpToolsProtocol):
 
 
 def guarded_protocol(
-    header_timeout: float, body_timeout: float
+    header_timeout: float, body_timeout: float, max_body: int
 ) -> type[GuardedHttpTools]:
-    """The protocol class with this process's header and body timeouts."""
+    """The protocol class with this process's timeouts and body limit."""
     return type(
         "GuardedHttpTools",
         (GuardedHttpTools,),
-        {"header_timeout": header_timeout, "body_timeout": body_timeout},
+        {
+            "header_timeout": header_timeout,
+            "body_timeout": body_timeout,
+            "max_body": max_body,
+        },
     )

@@ -248,6 +248,9 @@ class WsIngress:
             presented = (query.get("token") or [None])[0]
         token = self.tokens.identify(presented)
         if token is None:
+            self.refusals.warning(
+                "refused handshake from %s: no valid token", connection.remote_address
+            )
             response = connection.respond(
                 HTTPStatus.UNAUTHORIZED,
                 "a valid token is required: Authorization: Bearer <token> "

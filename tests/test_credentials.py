@@ -280,3 +280,48 @@ def test_topic_outside_the_nats_allow_list_is_refused_not_confirmed(
     assert operator_mode.subscriber.received("outside.") == []
     client.close()
     consumer.stop()
+
+
+def test_redis_acl_without_the_audit_log_holds_items_until_fixed(
+    tmp_path, spare_servers
+):
+    """An ACL user who may not write the audit log: said once, nothing lost.
+
+    The Redis consumer's step is refused whole (NOPERM), so the item stays on
+    the list; once the ACL allows the audit log, it is delivered.
+    """
+    port = free_port()
+    data = tmp_path / f"redis-{port}"
+    data.mkdir()
+    command = redis_command(port, data) + [
+        *("--user", "fanout", "on", ">acl-pw-2718", "+@all"),
+        *("~MESSAGES", "~MESSAGES:processing:*", "~MESSAGES:consumer:*"),
+    ]
+    redis_acl = Server(command, port, tmp_path / f"redis-{port}.log").start()
+    spare_servers.append(redis_acl)
+    nats = nats_server(tmp_path).start()
+    spare_servers.append(nats)
+    launcher = Launcher(Brokers(nats, redis_acl), tmp_path)
+    subscriber = Subscriber(f"nats://127.0.0.1:{nats.port}").start()
+    admin = redis.Redis(port=port, socket_timeout=5)  # the default user
+    try:
+        consumer = launcher.start(
+            "fanout-redis",
+            FANOUT_REDIS_USERNAME="fanout",
+            FANOUT_REDIS_PASSWORD="acl-pw-2718",
+        )
+        admin.rpush("MESSAGES", orjson.dumps({"topic": "internal.acl", "n": 1}))
+        consumer.wait_for_log("committing and taking a batch failed (NoPermissionError")
+        time.sleep(1)
+        assert admin.llen("MESSAGES") == 1
+        assert subscriber.received() == []
+
+        admin.execute_command("ACL", "SETUSER", "fanout", "~MESSAGES:*")
+        [msg] = subscriber.wait_for(1, "internal.acl", timeout=15)
+        assert orjson.loads(msg.data) == {"topic": "internal.acl", "n": 1}
+        assert wait_until(lambda: admin.llen("MESSAGES:log") == 1)
+        assert consumer.output().count("NoPermissionError") == 1
+    finally:
+        admin.close()
+        subscriber.close()
+        launcher.stop_all()

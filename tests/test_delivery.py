@@ -186,3 +186,34 @@ def test_a_confirmed_message_went_out_before_the_ping_that_confirmed_it(
             assert b"PING\r\n" in sent[frame:], sent[-200:]
     finally:
         proxy.close()
+
+
+def test_after_a_confirmation_timed_out_the_next_is_still_a_round_trip(
+    launch, brokers, subscriber
+):
+    """NATS frozen past the publish timeout, thawed, frozen again: 503 again.
+
+    A late PONG for a confirmation that timed out must not leave the
+    connection confirming without asking the server.
+    """
+    gateway = launch.start("fanout-http", FANOUT_PUBLISH_TIMEOUT="1")
+    url = f"http://127.0.0.1:{gateway.port}/MESSAGES"
+
+    def post(n: int) -> requests.Response:
+        body = {"message": {"topic": "internal.thaw", "n": n}}
+        return requests.post(url, json=body, timeout=10)
+
+    nats_proc = brokers.nats.proc
+    assert post(0).status_code == 202
+    for n in (1, 3):
+        nats_proc.send_signal(signal.SIGSTOP)
+        try:
+            frozen = post(n)
+        finally:
+            nats_proc.send_signal(signal.SIGCONT)
+        assert frozen.status_code == 503, frozen.text
+        time.sleep(0.5)  # the late PONG arrives
+        thawed = post(n + 1)
+        assert thawed.status_code == 202, thawed.text
+    delivered = {orjson.loads(m.data)["n"] for m in subscriber.wait_for(3, "internal.")}
+    assert {0, 2, 4} <= delivered

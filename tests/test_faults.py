@@ -19,7 +19,9 @@ from tests.traffic import Traffic, keys_with_ids
 
 # What a sender may be told while NATS is away: each says to try again.
 RETRYABLE_NATS = {
-    "nats did not confirm the message (FlushTimeoutError)",
+    "nats did not confirm the message in time",
+    "nats is not connected",
+    "nats connection broke; reconnecting",
     "nats is unreachable",
     "timed out waiting for the brokers",
     "nats connection dropped before the message was confirmed",

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import socket
 
 import pytest
 import requests
@@ -104,3 +105,16 @@ def test_limit_follows_a_smaller_server_max_payload(launch, tmp_path):
         f"message is {len(huge)} bytes; the limit is {2097152 - 256} bytes",
     )
     assert "max_payload 2097152 bytes" in gateway.output()
+
+
+def test_http_413_before_reading_a_body_over_every_limit(launch):
+    """A Content-Length above both limits is refused at once, nothing read."""
+    port = launch.start("fanout-http").port
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /MESSAGES HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: 99999999999\r\n\r\n"
+        )
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert b"request body is 99999999999 bytes; no request may be larger" in answer

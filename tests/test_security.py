@@ -296,13 +296,14 @@ def test_slow_request_head_is_cut_off(launch):
         assert idle.recv(1024).startswith(b"HTTP/1.1 408")
 
 
-def test_slow_body_is_408(launch):
+@pytest.mark.parametrize("sent", [b"{", b""], ids=["one byte", "no byte"])
+def test_slow_body_is_408(launch, sent):
     """A body that trickles in past FANOUT_HTTP_BODY_TIMEOUT is refused with 408."""
     port = launch.start("fanout-http", FANOUT_HTTP_BODY_TIMEOUT="1").port
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(
             b"POST /MESSAGES HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-            b"\r\nContent-Length: 100\r\n\r\n{"
+            b"\r\nContent-Length: 100\r\n\r\n" + sent
         )
         answer = sock.recv(4096)
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")

@@ -51,6 +51,12 @@ def test_cluster_url_list_is_split():
         ),
         ({"FANOUT_CONFIRM": "maybe"}, "FANOUT_CONFIRM='maybe': must be true or false"),
         (
+            {"FANOUT_REDIS_URL": "rediss://h:6380/0?x=1"},
+            "FANOUT_REDIS_URL='rediss://h:6380/0?x=1': redis-py cannot use its "
+            "query: AbstractConnection.__init__() got an unexpected keyword "
+            "argument 'x'",
+        ),
+        (
             {"FANOUT_DEAD_LIST": "MESSAGES:log"},
             "FANOUT_DEAD_LIST='MESSAGES:log': same Redis key as FANOUT_LOG_LIST; the "
             "ingress list, the audit log and the dead-letter list must be different "

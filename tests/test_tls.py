@@ -396,6 +396,7 @@ def assert_redis_never_connects(gateway: Gateway, launcher: Launcher) -> None:
 
     time.sleep(2)  # the gateway keeps retrying meanwhile
     assert "redis connected" not in gateway.output()
+    assert gateway.output().count("redis unreachable") == 1  # once an outage
 
 
 def test_gateway_without_ca_does_not_trust_redis_server(redis_tls_launch, pki):
