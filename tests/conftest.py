@@ -138,6 +138,24 @@ def _wait_for_count(gateway: Gateway, text: str, count: int) -> None:
 
 
 @pytest.fixture
+def launchers(tmp_path):
+    """``launchers(brokers)``: a Launcher for brokers a test started itself.
+
+    Their gateways are stopped at teardown, before ``spare_servers`` stops
+    the brokers (request this fixture after that one).
+    """
+    made: list[Launcher] = []
+
+    def make(brokers: Brokers) -> Launcher:
+        made.append(Launcher(brokers, tmp_path))
+        return made[-1]
+
+    yield make
+    for launcher in made:
+        launcher.stop_all()
+
+
+@pytest.fixture
 def launch(brokers, tmp_path):
     launcher = Launcher(brokers, tmp_path)
     yield launcher

@@ -283,7 +283,7 @@ def test_topic_outside_the_nats_allow_list_is_refused_not_confirmed(
 
 
 def test_redis_acl_without_the_audit_log_holds_items_until_fixed(
-    tmp_path, spare_servers
+    tmp_path, spare_servers, launchers
 ):
     """An ACL user who may not write the audit log: said once, nothing lost.
 
@@ -301,7 +301,7 @@ def test_redis_acl_without_the_audit_log_holds_items_until_fixed(
     spare_servers.append(redis_acl)
     nats = nats_server(tmp_path).start()
     spare_servers.append(nats)
-    launcher = Launcher(Brokers(nats, redis_acl), tmp_path)
+    launcher = launchers(Brokers(nats, redis_acl))
     subscriber = Subscriber(f"nats://127.0.0.1:{nats.port}").start()
     admin = redis.Redis(port=port, socket_timeout=5)  # the default user
     try:
@@ -324,4 +324,3 @@ def test_redis_acl_without_the_audit_log_holds_items_until_fixed(
     finally:
         admin.close()
         subscriber.close()
-        launcher.stop_all()

@@ -132,7 +132,7 @@ class RecordingProxy:
             try:
                 client, _ = self.listener.accept()
             except OSError:
-                return  # closed
+                return  # the listener was closed
             server = socket.create_connection(("127.0.0.1", self.upstream))
             threading.Thread(
                 target=self._pump, args=(client, server, True), daemon=True
@@ -149,13 +149,13 @@ class RecordingProxy:
                         self.sent += data
                 target.sendall(data)
         except OSError:
-            pass
+            pass  # either side went away: the relay ends
         finally:
             for sock in (source, target):
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
-                    pass
+                    pass  # already shut
 
     def close(self) -> None:
         self.listener.close()

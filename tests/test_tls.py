@@ -137,26 +137,17 @@ def pki(tmp_path) -> Pki:
 
 
 @pytest.fixture
-def tls_launch(tmp_path, spare_servers):
-    """Start a NATS server with the given TLS options, a Redis, and a launcher.
-
-    The launchers' gateways stop before the servers do (``spare_servers``
-    is torn down after this fixture).
-    """
-    launchers: list[Launcher] = []
+def tls_launch(tmp_path, spare_servers, launchers):
+    """Start a NATS server with the given TLS options, a Redis, and a launcher."""
 
     def start(nats_options: list[str | Path]) -> Launcher:
         nats = nats_server(tmp_path, extra=map(str, nats_options)).start()
         spare_servers.append(nats)
         redis = redis_server(tmp_path).start()
         spare_servers.append(redis)
-        launcher = Launcher(Brokers(nats, redis), tmp_path)
-        launchers.append(launcher)
-        return launcher
+        return launchers(Brokers(nats, redis))
 
-    yield start
-    for launcher in launchers:
-        launcher.stop_all()
+    return start
 
 
 def tls_url(launcher: Launcher) -> str:
@@ -282,7 +273,7 @@ def test_gateway_shows_client_certificate(tls_launch, pki):
 
 
 @pytest.fixture
-def redis_tls_launch(tmp_path, spare_servers, pki):
+def redis_tls_launch(tmp_path, spare_servers, launchers, pki):
     """Start a NATS server, a Redis on TLS only, and a launcher.
 
     The Redis knows one ACL user, REDIS_USER, limited to the gateway's
@@ -294,7 +285,6 @@ def redis_tls_launch(tmp_path, spare_servers, pki):
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
-    launchers: list[Launcher] = []
 
     def start(clients: str) -> Launcher:
         nats = nats_server(tmp_path).start()
@@ -314,13 +304,9 @@ def redis_tls_launch(tmp_path, spare_servers, pki):
         log = tmp_path / f"redis-tls-{port}.log"
         server = Server(list(map(str, command)), port, log).start()
         spare_servers.append(server)
-        launcher = Launcher(Brokers(nats, server), tmp_path)
-        launchers.append(launcher)
-        return launcher
+        return launchers(Brokers(nats, server))
 
-    yield start
-    for launcher in launchers:
-        launcher.stop_all()
+    return start
 
 
 def rediss_url(launcher: Launcher) -> str:
