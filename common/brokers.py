@@ -9,6 +9,7 @@ and an event that says whether NATS is usable right now.
 import asyncio
 import logging
 import random
+import re
 import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -287,13 +288,17 @@ class NatsLink:
 def denied_subject(text: str) -> str:
     """The subject of a "Permissions Violation for Publish to ..." error.
 
-    The server quotes it in double quotes, which are stripped once: the
-    subject itself may begin or end with any quote character.
+    The server quotes it in double quotes, escaping ``"`` and ``\\`` inside;
+    the quotes are stripped once and the escapes undone, since the subject
+    itself may hold or end with any quote character.
     """
     subject = text.rpartition(" to ")[2].strip()
     if len(subject) >= 2 and subject[0] == subject[-1] == '"':
-        subject = subject[1:-1]
+        subject = _ESCAPED.sub(r"\1", subject[1:-1])
     return subject
+
+
+_ESCAPED = re.compile(r"\\(.)")
 
 
 def log_denied(logger: logging.Logger, topic: str) -> None:

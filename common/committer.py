@@ -85,6 +85,7 @@ class Committer:
         self._wakeup = asyncio.Event()
         self._closing = False
         self._redis_ok = True
+        self._nats_failing = False  # a NATS failure was logged, no success since
         self._commit_task: asyncio.Task | None = None
         self.committed = 0
         self.batches = 0
@@ -181,7 +182,18 @@ class Committer:
         try:
             await self._wait_until_usable(min(item[2] for item in live))
             remaining = max(0.05, min(item[2] for item in live) - self.clock())
-            denied = await self.nats.publish(messages, timeout=remaining)
+            try:
+                denied = await self.nats.publish(messages, timeout=remaining)
+            except BrokerUnavailable as exc:
+                if not self._nats_failing:
+                    self._nats_failing = True
+                    self.logger.warning(
+                        "%s; messages are refused as retryable until it does", exc
+                    )
+                raise
+            if self._nats_failing:
+                self._nats_failing = False
+                self.logger.info("nats confirms messages again")
             if denied:
                 live = self._fail_denied(live, denied)
                 messages = [item[0] for item in live]

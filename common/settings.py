@@ -114,6 +114,8 @@ def _redis_url(text: str) -> str:
     try:
         options = parse_url(url)
         options.pop("connection_class", None)
+        if options.get("decode_responses"):
+            raise ValueError("decode_responses: the gateway reads replies as bytes")
         (SSLConnection if url.startswith("rediss://") else Connection)(**options)
     except (TypeError, ValueError) as exc:
         # redis-py passes an unknown query parameter on as an argument,

@@ -31,6 +31,7 @@ from common.errors import (
 from common.message import Message, Parser
 from common.settings import Settings
 from common.tokens import Tokens, bearer
+from services.http_protocol import GuardedHttpTools
 
 logger = logging.getLogger("fanout.http")
 
@@ -178,6 +179,8 @@ class MessagesResource:
             raise RejectedError(
                 f"request body ended after {len(body)} of its {length} bytes"
             )
+        if req.scope.get(GuardedHttpTools.INCOMPLETE):
+            raise RejectedError("request body did not arrive whole; nothing accepted")
         return body, bulk
 
     @property

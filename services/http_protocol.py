@@ -23,6 +23,10 @@ class GuardedHttpTools(HttpToolsProtocol):
     header_timeout = 10.0  # seconds; set per process by guarded_protocol()
     body_timeout = 30.0  # seconds; likewise
     max_body = 16 * 1024 * 1024  # bytes, the largest body any request may have
+    # Set in a request's ASGI scope when its body will never arrive whole
+    # (timed out, or the client went away): the app, which may already hold
+    # a complete-looking chunked body, must not accept it.
+    INCOMPLETE = "fanout.body_incomplete"
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -71,8 +75,13 @@ class GuardedHttpTools(HttpToolsProtocol):
                 self.body_timeout, self._body_too_slow
             )
 
+    def _mark_incomplete(self) -> None:
+        if self._reading_body and self.cycle is not None:
+            self.cycle.scope[self.INCOMPLETE] = True
+
     def _body_too_slow(self) -> None:
         self._body_timer = None
+        self._mark_incomplete()
         cycle = self.cycle
         if cycle is not None and cycle.response_started:
             self.transport.close()  # answered already; stop waiting for it
@@ -119,6 +128,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._mark_incomplete()
         self._disarm_header_timer()
         if self._body_timer is not None:
             self._body_timer.cancel()

@@ -163,8 +163,11 @@ class NatsConsumer:
         try:
             await asyncio.wait_for(held_delivered(), timeout / 2)
         except TimeoutError:
+            unlogged = self.received - self.delivered - self.dead_lettered
             logger.error(
-                "shutdown: %d received messages not delivered in time",
+                "shutdown: %d received messages not delivered and logged in time "
+                "(%d not yet published)",
+                unlogged,
                 len(self.inbox),
             )
         worker_task.cancel()

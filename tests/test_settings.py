@@ -57,6 +57,12 @@ def test_cluster_url_list_is_split():
             "argument 'x'",
         ),
         (
+            {"FANOUT_REDIS_URL": "redis://h:6379/0?decode_responses=true"},
+            "FANOUT_REDIS_URL='redis://h:6379/0?decode_responses=true': redis-py "
+            "cannot use its query: decode_responses: the gateway reads replies as "
+            "bytes",
+        ),
+        (
             {"FANOUT_DEAD_LIST": "MESSAGES:log"},
             "FANOUT_DEAD_LIST='MESSAGES:log': same Redis key as FANOUT_LOG_LIST; the "
             "ingress list, the audit log and the dead-letter list must be different "
