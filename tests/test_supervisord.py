@@ -55,6 +55,12 @@ def test_one_message_through_each_front_end(stack):
 
         client = redis.Redis(port=ports["redis"])
         client.rpush("MESSAGES", json.dumps({"topic": "internal.redis"}))
+        # Core NATS keeps nothing for a subscriber that is not there yet.
+        nats_log = tmp_path / "log" / "fanout-nats_00.log"
+        assert wait_until(
+            lambda: nats_log.exists() and "subscribed to" in nats_log.read_text(),
+            timeout=20,
+        )
         nats_publish(
             f"nats://127.0.0.1:{ports['nats']}",
             json.dumps({"topic": "internal.nats"}).encode(),
