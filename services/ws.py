@@ -196,6 +196,17 @@ class Session:
         )
 
 
+def _refusal(connection: ServerConnection, status: HTTPStatus, text: str):
+    """A refused handshake's answer, JSON like every answer Fanout writes."""
+    response = connection.respond(status, text)
+    response.body = orjson.dumps({"status": "error", "error": text})
+    for name in ("Content-Type", "Content-Length"):
+        del response.headers[name]
+    response.headers["Content-Type"] = "application/json"
+    response.headers["Content-Length"] = str(len(response.body))
+    return response
+
+
 def _not_utf8(data: bytes) -> bool:
     try:
         data.decode()
@@ -222,18 +233,23 @@ class WsIngress:
     def process_request(self, connection: ServerConnection, request: Request):
         path = urlsplit(request.path).path
         if path != PATH:
-            return connection.respond(
-                HTTPStatus.NOT_FOUND, f"no such resource: {path}; connect to {PATH}\n"
+            return _refusal(
+                connection,
+                HTTPStatus.NOT_FOUND,
+                f"no such resource: {path}; connect to {PATH}",
             )
         if self.stopping.is_set():
-            return connection.respond(
-                HTTPStatus.SERVICE_UNAVAILABLE, "the gateway is shutting down\n"
+            return _refusal(
+                connection,
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "the gateway is shutting down",
             )
         if len(self.sessions) >= self.settings.ws_max_connections:
-            return connection.respond(
+            return _refusal(
+                connection,
                 HTTPStatus.SERVICE_UNAVAILABLE,
                 f"{len(self.sessions)} connections are open, the most this "
-                "process serves (FANOUT_WS_MAX_CONNECTIONS); try again later\n",
+                "process serves (FANOUT_WS_MAX_CONNECTIONS); try again later",
             )
         return self._authorize(connection, request)
 
@@ -251,10 +267,11 @@ class WsIngress:
             self.refusals.warning(
                 "refused handshake from %s: no valid token", connection.remote_address
             )
-            response = connection.respond(
+            response = _refusal(
+                connection,
                 HTTPStatus.UNAUTHORIZED,
                 "a valid token is required: Authorization: Bearer <token> "
-                "or ?token=<token>\n",
+                "or ?token=<token>",
             )
             response.headers["WWW-Authenticate"] = 'Bearer realm="fanout"'
             return response

@@ -264,6 +264,23 @@ def test_ws_tokens_at_the_handshake(launch, subscriber):
     url = f"ws://127.0.0.1:{gateway.port}/MESSAGES"
     for suffix in ("", "?token=wrong"):
         assert handshake_status(url + suffix) == 401
+    refused = requests.get(
+        url.replace("ws://", "http://"),
+        timeout=5,
+        headers={
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        },
+    )
+    assert refused.status_code == 401
+    assert refused.headers["Content-Type"] == "application/json"
+    assert refused.json() == {
+        "status": "error",
+        "error": "a valid token is required: Authorization: Bearer <token> "
+        "or ?token=<token>",
+    }
 
     by_header = websocket.create_connection(
         url, timeout=10, header=[f"Authorization: Bearer {ALPHA}"]
