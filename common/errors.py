@@ -10,6 +10,13 @@ One root, two branches that tell a caller what to do next:
 :class:`ConfigError` is separate: it stops a process at startup.
 """
 
+import orjson
+
+
+def error_body(text: str) -> bytes:
+    """The JSON every refusal Fanout writes carries: status and reason."""
+    return orjson.dumps({"status": "error", "error": text})
+
 
 class FanoutError(Exception):
     """Root of every error Fanout raises on purpose."""

@@ -27,6 +27,7 @@ from common.errors import (
     MessageTooLarge,
     RejectedError,
     RetryableError,
+    error_body,
 )
 from common.message import Message, Parser
 from common.settings import Settings
@@ -40,10 +41,6 @@ NDJSON = "application/x-ndjson"
 # Bytes read before choosing a body's limit: only a JSON array may be larger
 # than one message.
 PEEK = 4096
-
-
-def _error_body(text: str) -> bytes:
-    return orjson.dumps({"status": "error", "error": text})
 
 
 def _result(outcome: Message | FanoutError) -> dict:
@@ -292,14 +289,14 @@ async def _rejected(req, resp, exc: RejectedError, params) -> None:
     _refusals.warning("refused message from %s: %s", req.remote_addr, exc)
     resp.status = exc.http_status
     resp.content_type = JSON
-    resp.data = _error_body(str(exc))
+    resp.data = error_body(str(exc))
 
 
 async def _retryable(req, resp, exc: RetryableError, params) -> None:
     resp.status = falcon.HTTP_503
     resp.content_type = JSON
     resp.set_header("Retry-After", str(exc.retry_after))
-    resp.data = _error_body(str(exc))
+    resp.data = error_body(str(exc))
 
 
 async def _unexpected(req, resp, exc: Exception, params) -> None:
@@ -309,7 +306,7 @@ async def _unexpected(req, resp, exc: Exception, params) -> None:
     logger.exception("unexpected error handling %s %s", req.method, req.path)
     resp.status = falcon.HTTP_500
     resp.content_type = JSON
-    resp.data = _error_body("internal error; the message was not accepted")
+    resp.data = error_body("internal error; the message was not accepted")
 
 
 def _serialize_http_error(req, resp, exc: falcon.HTTPError) -> None:
@@ -320,7 +317,7 @@ def _serialize_http_error(req, resp, exc: falcon.HTTPError) -> None:
         text = f"no such resource: {req.path}; messages go to POST /MESSAGES"
     elif exc.status == falcon.HTTP_405:
         text = f"method {req.method} is not allowed on {req.path}; use POST"
-    resp.data = _error_body(text)
+    resp.data = error_body(text)
     for name, value in (exc.headers or {}).items():
         resp.set_header(name, value)
 

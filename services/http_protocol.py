@@ -13,8 +13,9 @@ is over :attr:`GuardedHttpTools.max_body` gets 413 without a byte of it read
 
 import asyncio
 
-import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from common.errors import error_body
 
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
 
@@ -92,7 +93,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         )
         self._refuse(
             b"408 Request Timeout",
-            orjson.dumps({"status": "error", "error": text}),
+            error_body(text),
         )
 
     def _refuse(self, status: bytes, body: bytes = b"") -> None:
@@ -117,7 +118,7 @@ class GuardedHttpTools(HttpToolsProtocol):
             )
             self._refuse(
                 b"413 Content Too Large",
-                orjson.dumps({"status": "error", "error": text}),
+                error_body(text),
             )
 
     def on_message_complete(self) -> None:

@@ -25,6 +25,7 @@ from common.errors import (
     MessageTooLarge,
     RejectedError,
     RetryableError,
+    error_body,
 )
 from common.message import Message, Parser
 from common.policy import Pattern
@@ -199,7 +200,7 @@ class Session:
 def _refusal(connection: ServerConnection, status: HTTPStatus, text: str):
     """A refused handshake's answer, JSON like every answer Fanout writes."""
     response = connection.respond(status, text)
-    response.body = orjson.dumps({"status": "error", "error": text})
+    response.body = error_body(text)
     for name in ("Content-Type", "Content-Length"):
         del response.headers[name]
     response.headers["Content-Type"] = "application/json"
