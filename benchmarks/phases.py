@@ -259,7 +259,17 @@ def measure_ceiling(
     return row
 
 
-def ceilings(bench: Bench) -> None:
+def ceilings(bench: Bench, ingresses) -> None:
+    """The ceilings the rows of ``ingresses`` are compared with."""
+    if "http" in ingresses:
+        http_ceilings(bench)
+    if "ws" in ingresses:
+        ws_ceiling(bench)
+    if {"redis", "nats"} & set(ingresses):
+        backend_ceilings(bench)
+
+
+def http_ceilings(bench: Bench) -> None:
     plan, fleet, brokers = bench.plan, bench.fleet, bench.brokers
     for workers in (1, 2):
         proc, port = start_http(fleet, brokers, workers, ceiling=True)
@@ -269,6 +279,9 @@ def ceilings(bench: Bench) -> None:
                         lambda job=job: _wrk(bench, job, plan.seconds))  # fmt: skip
         fleet.stop(proc)
 
+
+def ws_ceiling(bench: Bench) -> None:
+    plan, fleet, brokers = bench.plan, bench.fleet, bench.brokers
     proc, port = start_ws(fleet, brokers, ceiling=True)
     command = loads_command(
         "ws", f"ws://{LOOPBACK}:{port}/MESSAGES", "ceiling.ws", plan.max_count,
@@ -279,9 +292,12 @@ def ceilings(bench: Bench) -> None:
                     lambda: _python_load(bench, command, plan.seconds))  # fmt: skip
     fleet.stop(proc)
 
+
+def backend_ceilings(bench: Bench) -> None:
     # The bare loops send one prebuilt message, to a subject nobody
     # subscribes to and a list nobody consumes: the brokers' and the
     # clients' cost alone.
+    plan, brokers = bench.plan, bench.brokers
     command = loads_command(
         "nats", brokers.nats_url, "ceiling.nats", plan.max_count, plan.seconds,
         0, "--subject", "ceiling.nats", "--prebuilt",

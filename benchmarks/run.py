@@ -50,8 +50,10 @@ class Plan:
     backlog: int  # messages in the Redis backlog and in the NATS burst
     max_count: int  # the count bound of a phase bounded by time
     soak_seconds: float
+    only: tuple[str, ...] = ()  # front ends to measure; empty: all four
 
 
+INGRESSES = ("http", "ws", "redis", "nats")
 QUICK = Plan("quick", seconds=3, backlog=30_000, max_count=1_000_000, soak_seconds=0)
 FULL = Plan("full", seconds=15, backlog=150_000, max_count=5_000_000, soak_seconds=600)
 
@@ -67,8 +69,17 @@ def parse_args(argv: list[str]) -> Plan:
         default=None,
         help="length of the soak phase; 0 skips it (default: 600, --quick: 0)",
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=INGRESSES,
+        help="measure only this front end and its ceiling (repeatable); no "
+        "soak, and the results go to benchmarks/results/partial.json",
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
+    if args.only:
+        plan = Plan(**{**asdict(plan), "only": tuple(args.only), "soak_seconds": 0})
     if args.soak_seconds is not None:
         if args.soak_seconds < 0:
             parser.error("--soak-seconds must be 0 or more")
@@ -78,16 +89,19 @@ def parse_args(argv: list[str]) -> Plan:
 
 def measure_all(bench: phases.Bench) -> None:
     """Every phase, in an order where each one's inputs are measured first."""
+    wanted = bench.plan.only or INGRESSES
     print("ceilings")
-    phases.ceilings(bench)
-    print("http ingress")
-    phases.http_rows(bench)
-    print("ws ingress")
-    phases.ws_rows(bench)
-    print("redis ingress")
-    phases.consumer_rows(bench, "redis")
-    print("nats ingress")
-    phases.consumer_rows(bench, "nats")
+    phases.ceilings(bench, wanted)
+    rows = {
+        "http": phases.http_rows,
+        "ws": phases.ws_rows,
+        "redis": lambda bench: phases.consumer_rows(bench, "redis"),
+        "nats": lambda bench: phases.consumer_rows(bench, "nats"),
+    }
+    for ingress in INGRESSES:
+        if ingress in wanted:
+            print(f"{ingress} ingress")
+            rows[ingress](bench)
     if bench.plan.soak_seconds > 0:
         print(f"soak: {bench.plan.soak_seconds:.0f} s, all four ingresses")
         soak.soak(bench)
@@ -142,9 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     results["targets"] = report.targets(results["rows"])
     report.print_all(results)
     RESULTS.mkdir(exist_ok=True)
-    report.write_json(results, RESULTS / "latest.json")
-    report.write_chart(results, RESULTS / "latest.png")
-    print(f"wrote {RESULTS / 'latest.json'} and {RESULTS / 'latest.png'}")
+    if plan.only:
+        report.write_json(results, RESULTS / "partial.json")
+        print(f"wrote {RESULTS / 'partial.json'}")
+    else:
+        report.write_json(results, RESULTS / "latest.json")
+        report.write_chart(results, RESULTS / "latest.png")
+        print(f"wrote {RESULTS / 'latest.json'} and {RESULTS / 'latest.png'}")
     shutil.rmtree(work_dir, ignore_errors=True)
     return 0
 
