@@ -153,7 +153,6 @@ class DirectClient(NatsClient):
         return subscription
 
 
-
 class NatsLink:
     """One nats-py connection with a ``connected`` event and batch publish.
 
