@@ -25,15 +25,19 @@ def sort_batch(
     refusals: RateLimited,
     clock=time.time,
 ) -> tuple[list[Message], list[bytes]]:
-    """Parse ``(id, raw)`` items into messages and dead-letter entries."""
+    """Parse ``(id, raw)`` items into messages and dead-letter entries.
+
+    The items were taken together: one ``received_at`` for the batch.
+    """
     messages: list[Message] = []
     dead: list[bytes] = []
+    now = clock()
     for message_id, raw in items:
         try:
-            messages.append(parser.bare(raw, message_id))
+            messages.append(parser.bare(raw, message_id, received_at=now))
         except RejectedError as exc:
             refusals.warning("dead-lettered %s item: %s", parser.ingress, exc)
-            dead.append(dead_entry(raw, str(exc), parser.ingress, clock()))
+            dead.append(dead_entry(raw, str(exc), parser.ingress, now))
         except Exception as exc:  # noqa: BLE001 - one bad item must not jam the queue
             # A bug, not the sender's fault: kept with the error so that it
             # can be replayed once fixed, and the items behind it go on.
@@ -41,7 +45,7 @@ def sort_batch(
                 "could not process a %s item; dead-lettered", parser.ingress
             )
             reason = f"internal error: {exc.__class__.__name__}: {exc}"
-            dead.append(dead_entry(raw, reason, parser.ingress, clock()))
+            dead.append(dead_entry(raw, reason, parser.ingress, now))
     return messages, dead
 
 

@@ -308,12 +308,14 @@ class Parser:
         data: bytes,
         default_id: str | None = None,
         token_patterns: tuple[Pattern, ...] = (),
+        received_at: float | None = None,
     ) -> Message:
         """A frame or queue item: the message object, or an envelope.
 
         ``default_id`` is the id to use when the sender gave none (the Redis
         consumer assigns ids when it takes items, so that a redelivered item
-        keeps its id).
+        keeps its id). ``received_at`` is the time the item was taken, when
+        a whole batch was taken at once; the parser's clock otherwise.
         """
         self.check_size(len(data))
         document = _loads(data, "message")
@@ -322,8 +324,10 @@ class Parser:
                 f"message must be a JSON object, not {describe(document)}"
             )
         if "topic" not in document and "message" in document:
-            return self._from_envelope(document, default_id, token_patterns)
-        return self._accept(document, data, default_id, token_patterns)
+            return self._from_envelope(
+                document, default_id, token_patterns, received_at=received_at
+            )
+        return self._accept(document, data, default_id, token_patterns, received_at)
 
     def _from_envelope(
         self,
@@ -331,6 +335,7 @@ class Parser:
         default_id: str | None,
         token_patterns: tuple[Pattern, ...],
         what: str = "request body",
+        received_at: float | None = None,
     ) -> Message:
         if "message" not in document:
             raise RejectedError(f'{what} has no "message" field')
@@ -350,7 +355,9 @@ class Parser:
                 raise RejectedError(
                     f'"message" must hold a JSON object, not {describe(parsed)}'
                 )
-            return self._accept(parsed, payload, message_id, token_patterns)
+            return self._accept(
+                parsed, payload, message_id, token_patterns, received_at
+            )
         if isinstance(inner, dict):
             try:
                 payload = orjson.dumps(inner)
@@ -364,7 +371,7 @@ class Parser:
             # Not always shorter than the text it came from: 1e5 becomes
             # 100000.0.
             self.check_size(len(payload))
-            return self._accept(inner, payload, message_id, token_patterns)
+            return self._accept(inner, payload, message_id, token_patterns, received_at)
         raise RejectedError(
             '"message" must be a JSON object or a string holding one, '
             f"not {describe(inner)}"
@@ -376,6 +383,7 @@ class Parser:
         payload: bytes,
         message_id: str | None,
         token_patterns: tuple[Pattern, ...],
+        received_at: float | None = None,
     ) -> Message:
         topic = obj.get("topic")
         if token_patterns or type(topic) is not str or topic not in self._allowed:
@@ -391,5 +399,5 @@ class Parser:
             topic,
             payload,
             self.ingress,
-            self.clock(),
+            received_at or self.clock(),
         )
