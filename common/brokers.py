@@ -450,11 +450,13 @@ def redis_credentials(settings: Settings) -> dict[str, Any]:
 def redis_client(settings: Settings, *, blocking_pop: bool = False) -> aioredis.Redis:
     """A Redis client for ``settings.redis_url``.
 
-    The shared client uses a blocking pool: a caller waits for a free
-    connection (up to the publish timeout) instead of failing. The client
-    for the consumer's blocking wait has a single connection of its own,
-    whose socket timeout stays above the block timeout so that a dead
-    server is noticed within a bounded time.
+    Commands go over one connection held by the client (a pipeline takes
+    another from its blocking pool, waiting up to the publish timeout for
+    a free one): redis-py's pool checks a connection's socket each time it
+    hands it out, a system call that cost more than the rest of an audit
+    write. The client for the consumer's blocking wait has a connection of
+    its own, whose socket timeout stays above the block timeout so that a
+    dead server is noticed within a bounded time.
     """
     block = settings.redis_block_timeout
     socket_timeout = block + 5 if blocking_pop else settings.publish_timeout + 1
@@ -470,7 +472,7 @@ def redis_client(settings: Settings, *, blocking_pop: bool = False) -> aioredis.
         **redis_credentials(settings),
     )
     pool.connection_class = _hiredis_packing(pool.connection_class)
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis(connection_pool=pool, single_connection_client=True)
 
 
 class _HiredisPacking:
