@@ -259,16 +259,6 @@ def measure_ceiling(
     return row
 
 
-def ceilings(bench: Bench, ingresses) -> None:
-    """The ceilings the rows of ``ingresses`` are compared with."""
-    if "http" in ingresses:
-        http_ceilings(bench)
-    if "ws" in ingresses:
-        ws_ceiling(bench)
-    if {"redis", "nats"} & set(ingresses):
-        backend_ceilings(bench)
-
-
 def http_ceilings(bench: Bench) -> None:
     plan, fleet, brokers = bench.plan, bench.fleet, bench.brokers
     for workers in (1, 2):

@@ -1,11 +1,12 @@
-"""The load benchmark: ``python -m benchmarks.run [--quick] [--soak-seconds N]``.
+"""The load benchmark: ``python -m benchmarks.run [--quick] [--soak-seconds N]
+[--only INGRESS]``.
 
 One run starts its own nats-server and valkey on free loopback ports, then
-measures, one after the other:
+measures, one after the other, each front end right after its ceiling:
 
 * the ceilings: a do-nothing Falcon app under the same gunicorn options, a
   websockets server that only parses and answers, a bare nats-py publish
-  loop and a bare pipelined RPUSH loop;
+  loop and a bare pipelined RPUSH loop (before the Redis and NATS rows);
 * each ingress at its maximum rate, with 1 and 2 processes where the
   gateway scales by processes, and at half that maximum for latency;
 * HTTP at its maximum rate with 100 messages per request (bulk), on the
@@ -88,20 +89,29 @@ def parse_args(argv: list[str]) -> Plan:
 
 
 def measure_all(bench: phases.Bench) -> None:
-    """Every phase, in an order where each one's inputs are measured first."""
+    """Every phase, each front end right after the ceiling it is compared
+    with: figures on a shared machine drift over minutes, so a ceiling
+    measured next to its rows is the fairer yardstick."""
     wanted = bench.plan.only or INGRESSES
-    print("ceilings")
-    phases.ceilings(bench, wanted)
     rows = {
-        "http": phases.http_rows,
-        "ws": phases.ws_rows,
-        "redis": lambda bench: phases.consumer_rows(bench, "redis"),
-        "nats": lambda bench: phases.consumer_rows(bench, "nats"),
-    }
+        "http": (phases.http_ceilings, phases.http_rows),
+        "ws": (phases.ws_ceiling, phases.ws_rows),
+        "redis": (phases.backend_ceilings,
+                  lambda bench: phases.consumer_rows(bench, "redis")),
+        "nats": (phases.backend_ceilings,
+                 lambda bench: phases.consumer_rows(bench, "nats")),
+    }  # fmt: skip
+    measured = set()
     for ingress in INGRESSES:
-        if ingress in wanted:
-            print(f"{ingress} ingress")
-            rows[ingress](bench)
+        if ingress not in wanted:
+            continue
+        ceiling, ingress_rows = rows[ingress]
+        if ceiling not in measured:
+            print(f"ceilings for {ingress}")
+            ceiling(bench)
+            measured.add(ceiling)
+        print(f"{ingress} ingress")
+        ingress_rows(bench)
     if bench.plan.soak_seconds > 0:
         print(f"soak: {bench.plan.soak_seconds:.0f} s, all four ingresses")
         soak.soak(bench)
