@@ -383,10 +383,12 @@ def backlog_phase(bench: Bench, procs: dict[str, Proc]) -> dict:
 
     def hand_over() -> dict:
         brokers.client.rename(BACKLOG_KEY, "MESSAGES")
-        return fill
+        # The fill ran before the drain: its CPU is not the drain's.
+        return {**fill, "generator_cpu_s": 0.0, "elapsed": None}
 
     row = new_row(f"redis backlog c{len(procs)}", "redis", "backlog", len(procs),
                   topic=topic, fill_rate=round(fill["sent"] / fill["elapsed"], 1),
+                  fill_cpu_s=fill.get("generator_cpu_s"),
                   latency_note=QUEUED_NOTE)  # fmt: skip
     return measure(bench, row, procs, hand_over, settle_timeout=120)
 

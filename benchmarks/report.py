@@ -161,6 +161,48 @@ def print_table(rows: list[dict]) -> None:
     )
 
 
+BROKERS = ("nats-server", "valkey", "probe")
+
+
+def cpu_per_message(row: dict) -> dict[str, float] | None:
+    """Microseconds of CPU per message: the gateway (or ceiling) processes
+    together, each broker, the probe, the load generator, and their sum."""
+    count = row.get("delivered") or row.get("answered") or 0
+    if not count:
+        return None
+    processes = row.get("processes", {})
+    spent = {
+        "gateway": sum(u["cpu_s"] for n, u in processes.items() if n not in BROKERS),
+        **{name: processes.get(name, {}).get("cpu_s", 0.0) for name in BROKERS},
+        "generator": row.get("generator", {}).get("cpu_s") or 0.0,
+    }
+    spent["all"] = sum(spent.values())
+    return {name: round(cpu * 1e6 / count, 1) for name, cpu in spent.items()}
+
+
+def print_cpu_table(rows: list[dict]) -> None:
+    names = ("gateway", *BROKERS, "generator", "all")
+    print(
+        f"\n{'cpu us per message':<24} "
+        + " ".join(f"{n:>11}" for n in names)
+        + f" {'cores busy':>11}"
+    )
+    for row in rows:
+        cpu = cpu_per_message(row)
+        if cpu:
+            cores = cpu["all"] * row["rate"] / 1e6
+            print(
+                f"{row['name']:<24} "
+                + " ".join(f"{cpu[n]:>11.1f}" for n in names)
+                + f" {cores:>11.2f}"
+            )
+    print(
+        "gateway: the gateway's processes (or the ceiling's server); cores\n"
+        f"busy: all of it at the row's rate (this machine has {os.cpu_count()});"
+        "\na backlog's fill ran before its drain and is not counted."
+    )
+
+
 def print_targets(items: list[dict]) -> None:
     print(f"\n{'target':<46} {'wanted':>8} {'measured':>9}  verdict")
     for item in items:
@@ -188,6 +230,7 @@ def print_soak(soak: dict | None) -> None:
 def print_all(results: dict) -> None:
     print()
     print_table(results["rows"])
+    print_cpu_table(results["rows"])
     print_targets(results["targets"])
     print_soak(results["soak"])
     print(
