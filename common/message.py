@@ -232,7 +232,10 @@ class Parser:
         return self._from_envelope(document, None, token_patterns)
 
     def item(
-        self, document: object, token_patterns: tuple[Pattern, ...] = ()
+        self,
+        document: object,
+        token_patterns: tuple[Pattern, ...] = (),
+        received_at: float | None = None,
     ) -> Message:
         """One envelope of a bulk request, already decoded with the body."""
         if not isinstance(document, dict):
@@ -240,7 +243,9 @@ class Parser:
                 'envelope must be a JSON object with a "message" field, '
                 f"not {describe(document)}"
             )
-        return self._from_envelope(document, None, token_patterns, "envelope")
+        return self._from_envelope(
+            document, None, token_patterns, "envelope", received_at
+        )
 
     def array(
         self,
@@ -292,13 +297,15 @@ class Parser:
 
     def _outcomes(self, items, token_patterns) -> list[Message | RejectedError]:
         """Each ``(document or JSON line, what to call it)`` as a message or
-        as its refusal; a line is decoded first (``None``: already decoded)."""
+        as its refusal; a line is decoded first (``None``: already decoded).
+        The messages of one request share its ``received_at``."""
         outcomes: list[Message | RejectedError] = []
+        now = self.clock()
         for document, line_name in items:
             try:
                 if line_name is not None:
                     document = _loads(document, line_name)
-                outcomes.append(self.item(document, token_patterns))
+                outcomes.append(self.item(document, token_patterns, now))
             except RejectedError as exc:
                 outcomes.append(exc)
         return outcomes

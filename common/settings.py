@@ -383,8 +383,9 @@ SETTINGS: tuple[Setting, ...] = (
         "integer",
         "16",
         _integer(1, 1024),
-        "Redis connections each process shares for audit writes; callers "
-        "wait for a free one.",
+        "The most Redis connections a process opens: its commands share one, "
+        "and the NATS consumer's audit pipelines take the others (a caller "
+        "waits for a free one).",
     ),
     Setting(
         "consumer_name",
