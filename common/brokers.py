@@ -454,15 +454,18 @@ def redis_client(settings: Settings, *, blocking_pop: bool = False) -> aioredis.
     another from its blocking pool, waiting up to the publish timeout for
     a free one): redis-py's pool checks a connection's socket each time it
     hands it out, a system call that cost more than the rest of an audit
-    write. The client for the consumer's blocking wait has a connection of
-    its own, whose socket timeout stays above the block timeout so that a
-    dead server is noticed within a bounded time.
+    write. The held connection comes from the same pool, so the pool has
+    room for it on top of ``redis_pool_size`` for pipelines; without that,
+    a pool of one would leave every pipeline waiting for ever. The client
+    for the consumer's blocking wait has a connection of its own, whose
+    socket timeout stays above the block timeout so that a dead server is
+    noticed within a bounded time.
     """
     block = settings.redis_block_timeout
     socket_timeout = block + 5 if blocking_pop else settings.publish_timeout + 1
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url,
-        max_connections=1 if blocking_pop else settings.redis_pool_size,
+        max_connections=1 if blocking_pop else settings.redis_pool_size + 1,
         timeout=settings.publish_timeout,  # seconds waited for a free one
         socket_timeout=socket_timeout,  # seconds
         socket_connect_timeout=2,  # seconds

@@ -383,9 +383,9 @@ SETTINGS: tuple[Setting, ...] = (
         "integer",
         "16",
         _integer(1, 1024),
-        "The most Redis connections a process opens: its commands share one, "
-        "and the NATS consumer's audit pipelines take the others (a caller "
-        "waits for a free one).",
+        "Redis connections a process opens for pipelines (the NATS "
+        "consumer's audit writes; a caller waits for a free one), besides "
+        "the one its commands share.",
     ),
     Setting(
         "consumer_name",

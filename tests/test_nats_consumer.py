@@ -90,3 +90,19 @@ def test_two_consumers_deliver_each_message_once(launch, brokers, subscriber, rd
     second.stop()
     for gateway in (first, second):
         assert "nats consumer stopped: 0 received" not in gateway.output()
+
+
+def test_smallest_redis_pool_still_writes_the_audit_log(
+    launch, brokers, subscriber, rdb
+):
+    """With FANOUT_REDIS_POOL_SIZE=1 (allowed), every message is still audited."""
+    launch.start("fanout-nats", FANOUT_REDIS_POOL_SIZE="1")
+    payloads = [
+        json.dumps({"topic": "internal.pool", "n": n}).encode() for n in range(20)
+    ]
+    publish(brokers.nats_url, payloads)
+
+    subscriber.wait_for(20, "internal.pool")
+    assert wait_until(lambda: len(audit_log(rdb)) == 20, timeout=10), (
+        f"{len(audit_log(rdb))} of 20 messages audited"
+    )
