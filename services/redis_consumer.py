@@ -199,7 +199,9 @@ class RedisConsumer:
             # hands over the next; done one after the other, each process
             # would wait idle for the other server about half the time. The
             # step goes first: its script is on its way to Redis before the
-            # parse of this batch takes the CPU.
+            # parse of this batch takes the CPU; it asks for as many items
+            # as fit at the size of these.
+            self.take_count = self._fitting(sum(len(e) for e in entries) / len(entries))
             entries, published = await asyncio.gather(
                 self._step(commit, len(entries)), self._publish(entries)
             )
@@ -259,7 +261,6 @@ class RedisConsumer:
 
     async def _publish(self, entries: list[bytes]) -> "Commit | None":
         """Publish a batch to NATS; what committing it will take, or None."""
-        self.take_count = self._fitting(sum(len(e) for e in entries) / len(entries))
         items = []
         for entry in entries:
             message_id, _, raw = entry.partition(b"\n")
