@@ -129,7 +129,7 @@ class DirectClient(NatsClient):
     nats-py builds a ``Msg`` for every message, queues it and wakes a task
     to await a callback for it: several times the cost of everything else
     the NATS consumer does per message. A subscription given to
-    :meth:`deliver_direct` skips that: its subject and payload (both bytes)
+    :meth:`subscribe_direct` skips that: its subject and payload (both bytes)
     go to a plain function from the protocol reader (:class:`FrameReader`).
     Headers and reply subjects are not passed on.
     """
