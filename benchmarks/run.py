@@ -71,6 +71,13 @@ def parse_args(argv: list[str]) -> Plan:
         help="length of the soak phase; 0 skips it (default: 600, --quick: 0)",
     )
     parser.add_argument(
+        "--backlog",
+        type=int,
+        default=None,
+        help="messages in the Redis backlog and the NATS burst "
+        "(default: 150000, --quick: 30000)",
+    )
+    parser.add_argument(
         "--only",
         action="append",
         choices=INGRESSES,
@@ -81,6 +88,10 @@ def parse_args(argv: list[str]) -> Plan:
     plan = QUICK if args.quick else FULL
     if args.only:
         plan = Plan(**{**asdict(plan), "only": tuple(args.only), "soak_seconds": 0})
+    if args.backlog is not None:
+        if args.backlog < 1:
+            parser.error("--backlog must be 1 or more")
+        plan = Plan(**{**asdict(plan), "backlog": args.backlog})
     if args.soak_seconds is not None:
         if args.soak_seconds < 0:
             parser.error("--soak-seconds must be 0 or more")
