@@ -32,6 +32,7 @@ from common.settings import Settings, redact_url
 NATS_PENDING_BYTES = 8 * 1024 * 1024  # the reconnect buffer's cap
 BACKOFF_START = 0.2  # seconds
 BACKOFF_MAX = 5.0  # seconds
+PUBLISH_DENIED = "permissions violation for publish to "  # server's -ERR, lowered
 
 
 def backoff_delays(start: float = BACKOFF_START, most: float = BACKOFF_MAX):
@@ -81,7 +82,10 @@ class FrameReader(NatsParser):
                 except (IndexError, ValueError):
                     raise ProtocolError("nats: malformed HMSG") from None
             else:
-                await self._one_line(data[pos : eol + 2])
+                line = data[pos : eol + 2]
+                if line.startswith(b"-ERR"):
+                    self._note_denied(line)
+                await self._one_line(line)
                 pos = eol + 2
                 continue
             if len(parts) not in (3, 4):
@@ -113,6 +117,19 @@ class FrameReader(NatsParser):
         if pos < size:
             self.buf = bytearray(data[pos:])
 
+    def _note_denied(self, line: bytes) -> None:
+        """Record the subject of a publish permissions error, case intact.
+
+        nats-py lowercases the server's error text before its error callback
+        sees it, and subjects are case-sensitive: the subject is read here,
+        from the line as the server sent it (``-ERR '<text>'``).
+        """
+        text = line[4:].decode(errors="replace").strip()
+        if len(text) >= 2 and text[0] == text[-1] == "'":
+            text = text[1:-1]
+        if text.lower().startswith(PUBLISH_DENIED):
+            self.nc.denied_subjects.add(denied_subject(text))
+
     async def _one_line(self, line: bytes) -> None:
         """One whole control line, read by nats-py's parser."""
         self.buf = bytearray(line)
@@ -137,6 +154,9 @@ class DirectClient(NatsClient):
     def __init__(self):
         super().__init__()
         self._direct: dict[int, Callable[[bytes, bytes], None]] = {}
+        # Subjects the server refused to take from us, as FrameReader read
+        # them; NatsLink.publish empties it before each batch.
+        self.denied_subjects: set[str] = set()
         self._ps = FrameReader(self)
 
     async def subscribe_direct(
@@ -168,7 +188,6 @@ class NatsLink:
         self.connected = asyncio.Event()
         self._closing = False
         self._said: set[str] = set()  # messages _say_once already logged
-        self._denied: set[str] = set()  # subjects refused during a publish
         self._servers = ", ".join(redact_url(u) for u in settings.nats_urls)
 
     async def connect(self, stopping: asyncio.Event) -> bool:
@@ -236,10 +255,11 @@ class NatsLink:
         # without connect() ever raising: say each once. The server's text is
         # left out; OpenSSL's reason code is the client's own.
         text = str(exc).lower()
-        if "permissions violation for publish to " in text:
+        if PUBLISH_DENIED in text:
             # The server refused one subject and kept the connection; the
-            # error comes before the PONG that ends the same publish.
-            self._denied.add(denied_subject(text))
+            # error comes before the PONG that ends the same publish, and
+            # FrameReader has recorded its subject.
+            pass
         elif (
             isinstance(exc, nats.errors.AuthorizationError)
             # how nats-py reports it during its first connect
@@ -280,10 +300,9 @@ class NatsLink:
         after everything sent before it on the connection, so when the PONG
         arrives it has every message. Returns the topics the server refused
         (a publish permission the gateway's NATS user lacks): it dropped
-        the messages to those, and said so before its PONG. nats-py
-        lowercases that error, so a topic differing only in case from a
-        refused one in the same batch is refused too: refused, never
-        confirmed wrongly. Raises
+        the messages to those, and said so before its PONG (read with its
+        case by :class:`FrameReader`: a topic differing only in case from a
+        refused one is another subject, and was delivered). Raises
         :class:`BrokerUnavailable` if the rest is not confirmed in time;
         some of the messages may still reach the server later.
         """
@@ -291,7 +310,7 @@ class NatsLink:
         reconnects = nc.stats["reconnects"]
         if not nc.is_connected:
             raise BrokerUnavailable("nats is not connected")
-        self._denied.clear()
+        nc.denied_subjects.clear()
         try:
             # nats-py's flush() writes its PING straight to the socket while
             # publish() leaves messages in a buffer for a flusher task to
@@ -313,10 +332,10 @@ class NatsLink:
             raise BrokerUnavailable(
                 "nats connection dropped before the message was confirmed"
             )
-        if not self._denied:
+        denied = nc.denied_subjects
+        if not denied:
             return set()
-        # nats-py lowercases the server's error text.
-        return {m.topic for m in messages if m.topic.lower() in self._denied}
+        return {m.topic for m in messages if m.topic in denied}
 
     async def _round_trip(self, timeout: float) -> None:
         """PING, and wait up to ``timeout`` seconds for its PONG.

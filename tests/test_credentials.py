@@ -287,6 +287,42 @@ def test_topic_outside_the_nats_allow_list_is_refused_not_confirmed(
     consumer.stop()
 
 
+def test_refused_topic_spares_a_topic_differing_only_in_case(operator_mode):
+    """Subjects are case-sensitive: a refusal names one, with its case.
+
+    nats-py lowercases the server's error text; in one bulk request (one
+    batch) a refused topic must not take an allowed case variant with it,
+    which the server delivered: that would be refused to the sender yet
+    delivered, with no audit entry.
+    """
+    creds, _, _ = operator_mode.operator.user(
+        "fanout", publish=["internal.>", "Outside.ok"]
+    )
+    gateway = operator_mode.launcher.start(
+        "fanout-http",
+        FANOUT_NATS_CREDS_FILE=str(creds),
+        FANOUT_REDIS_PASSWORD=REDIS_PASSWORD,
+    )
+    body = [
+        {"message": {"topic": "outside.ok", "n": 1}},
+        {"message": {"topic": "Outside.ok", "n": 2}},
+        {"message": {"topic": "OUTSIDE.ok", "n": 3}},
+    ]
+    response = requests.post(
+        f"http://127.0.0.1:{gateway.port}/MESSAGES", json=body, timeout=10
+    )
+
+    assert response.status_code == 200, response.text
+    statuses = [result["status"] for result in response.json()["results"]]
+    assert statuses == ["error", "accepted", "error"]
+    [msg] = operator_mode.subscriber.wait_for(1, "Outside.")
+    assert orjson.loads(msg.data) == {"topic": "Outside.ok", "n": 2}
+    [entry] = operator_mode.audited()
+    assert orjson.loads(entry)["topic"] == "Outside.ok"
+    assert operator_mode.subscriber.received("outside.") == []
+    assert operator_mode.subscriber.received("OUTSIDE.") == []
+
+
 def test_redis_acl_without_the_audit_log_holds_items_until_fixed(
     tmp_path, spare_servers, launchers
 ):
