@@ -6,18 +6,22 @@ at-most-once on the way in: a message published while no consumer is
 subscribed, or dropped by the server because a consumer fell behind, is
 gone before Fanout sees it. Once received, a message is not lost by the
 gateway: the consumer publishes and logs every message it holds before it
-stops.
+stops. If the brokers do not let it within the shutdown timeout (Redis
+down, say), the messages it still holds are written to its own log, one
+``undelivered at shutdown`` line each in the dead-letter entry's JSON form,
+and it exits 1.
 """
 
 import asyncio
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import nats.errors
 
 from common import logs, runtime
-from common.audit import audit_entry
+from common.audit import audit_entry, dead_entry
 from common.brokers import NatsLink, redis_client, wait_for_redis
 from common.committer import take_batch
 from common.consumer import retry, sort_batch, split_denied
@@ -31,6 +35,14 @@ PENDING_MESSAGES = 200_000  # held at most; more are dropped (slow consumer)
 PENDING_BYTES = 256 * 1024 * 1024
 
 
+@dataclass(slots=True, eq=False)
+class Taken:
+    """The items of one batch, from off the inbox until they are logged."""
+
+    raws: list[bytes]
+    published: bool = False
+
+
 class NatsConsumer:
     def __init__(self, settings: Settings, stopping: asyncio.Event):
         self.settings = settings
@@ -41,12 +53,14 @@ class NatsConsumer:
         self.nats = NatsLink(settings, f"fanout-nats-{logs.process_label()}", logger)
         self.redis = redis_client(settings)
         self.inbox: deque[tuple[None, bytes]] = deque()
+        self.taken: deque[Taken] = deque()  # batches not yet logged, in order
         self.held_bytes = 0
         self.arrived = asyncio.Event()
         self.received = 0
         self.delivered = 0
         self.dead_lettered = 0
         self.dropped = 0
+        self.undelivered = 0  # written to the log at shutdown
         self.failed = False
 
     def _on_data(self, subject: bytes, data: bytes) -> None:
@@ -88,7 +102,7 @@ class NatsConsumer:
         worker_task.add_done_callback(self._worker_ended)
         await self.stopping.wait()
         await self._shutdown(subscription, worker_task)
-        return 1 if self.failed else 0
+        return 1 if self.failed or self.undelivered else 0
 
     def _worker_ended(self, task: asyncio.Task) -> None:
         # The worker only ends by cancellation; anything else is a bug, and
@@ -112,28 +126,32 @@ class NatsConsumer:
                 continue
             batch = take_batch(self.inbox, self.settings.batch_size, _raw_size)
             self.held_bytes -= sum(len(raw) for _, raw in batch)
+            taken = Taken([raw for _, raw in batch])
+            self.taken.append(taken)
             messages, dead = sort_batch(self.parser, batch, self.refusals, time.time)
             # PERF: this batch goes to NATS while the one before is logged.
             if logged is None:
-                denied = await self._publish(messages)
+                denied = await self._publish(messages, taken)
             else:
                 denied, _ = await asyncio.gather(
-                    self._publish(messages), self._log(*logged)
+                    self._publish(messages, taken), self._log(*logged)
                 )
             messages, refused = split_denied(messages, denied, "nats", logger)
-            logged = (messages, dead + refused)
+            logged = (messages, dead + refused, taken)
 
-    async def _publish(self, messages: list) -> set[str]:
-        if not messages:
-            return set()
-        return await retry(
-            lambda: self.nats.publish(messages, self.settings.publish_timeout),
-            f"publishing {len(messages)} messages to nats",
-            logger,
-            lambda: False,
-        )
+    async def _publish(self, messages: list, taken: Taken) -> set[str]:
+        denied: set[str] = set()
+        if messages:
+            denied = await retry(
+                lambda: self.nats.publish(messages, self.settings.publish_timeout),
+                f"publishing {len(messages)} messages to nats",
+                logger,
+                lambda: False,
+            )
+        taken.published = True
+        return denied
 
-    async def _log(self, messages: list, dead: list[bytes]) -> None:
+    async def _log(self, messages: list, dead: list[bytes], taken: Taken) -> None:
         async def append():
             pipe = self.redis.pipeline(transaction=False)
             if messages:
@@ -145,6 +163,7 @@ class NatsConsumer:
         await retry(append, "writing the audit log", logger, lambda: False)
         self.delivered += len(messages)
         self.dead_lettered += len(dead)
+        self.taken.remove(taken)
 
     async def _shutdown(self, subscription, worker_task: asyncio.Task) -> None:
         # Drain: unsubscribe and let nats-py hand over what it already
@@ -171,6 +190,7 @@ class NatsConsumer:
                 len(self.inbox),
             )
         worker_task.cancel()
+        self._write_undelivered()
         await self.nats.close()
         await self.redis.aclose()
         logger.info(
@@ -181,6 +201,35 @@ class NatsConsumer:
             self.dead_lettered,
             self.dropped,
         )
+
+    def _write_undelivered(self) -> None:
+        """The last resort for what the brokers did not take in time.
+
+        Each message still held goes to this process's log as a dead-letter
+        entry (its exact bytes, and whether NATS already has it), so that
+        an operator can replay it; nothing received is dropped silently.
+        """
+        now = time.time()
+        held = [(taken.raws, taken.published) for taken in self.taken]
+        held.append(([raw for _, raw in self.inbox], False))
+        for raws, published in held:
+            reason = (
+                "published to nats; its audit entry was not confirmed written"
+                if published
+                else "not published: the brokers did not take it before shutdown"
+            )
+            for raw in raws:
+                entry = dead_entry(raw, reason, "nats", now)
+                logger.error("undelivered at shutdown: %s", entry.decode())
+                self.undelivered += 1
+        self.taken.clear()
+        self.inbox.clear()
+        if self.undelivered:
+            logger.error(
+                "wrote %d undelivered messages to this log ('undelivered at "
+                "shutdown' lines); replay them once the brokers are back",
+                self.undelivered,
+            )
 
 
 def _raw_size(item: tuple[None, bytes]) -> int:

@@ -13,7 +13,7 @@ import orjson
 import requests
 import websocket
 
-from tests.support import BIN, Subscriber, port_is_free, wait_until
+from tests.support import BIN, Subscriber, audit_log, port_is_free, wait_until
 
 
 def ws_burst(url: str, count: int, result: dict) -> None:
@@ -185,3 +185,46 @@ def test_nats_consumer_delivers_what_it_received_before_exit(
     assert wait_until(lambda: len(subscriber.received("internal.nb")) >= delivered)
     time.sleep(0.2)
     assert len(subscriber.received("internal.nb")) == delivered
+
+
+def test_nats_consumer_writes_what_it_could_not_deliver_to_its_log(
+    launch, brokers, subscriber, rdb
+):
+    """Stopped while Redis is frozen: what it holds goes to its log, exit 1.
+
+    The consumer cannot finish messages it received (no audit log), and
+    core NATS cannot take them back: each is written to the process log as
+    a dead-letter entry, with whether NATS already has it, so none is lost.
+    """
+    consumer = launch.start("fanout-nats", FANOUT_SHUTDOWN_TIMEOUT="2")
+    sent = [orjson.dumps({"topic": "internal.held", "n": n}) for n in range(300)]
+
+    async def burst():
+        nc = await nats.connect(brokers.nats_url)
+        for payload in sent:
+            await nc.publish("MESSAGES", payload)
+        await nc.flush()
+        await nc.close()
+
+    brokers.redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        asyncio.run(burst())
+        time.sleep(0.5)
+        consumer.signal(signal.SIGTERM)
+        status = consumer.proc.wait(20)
+    finally:
+        brokers.redis.proc.send_signal(signal.SIGCONT)
+
+    assert status == 1
+    entries = [
+        orjson.loads(line.split("undelivered at shutdown: ", 1)[1])
+        for line in consumer.output().splitlines()
+        if "undelivered at shutdown: " in line
+    ]
+    audited = [orjson.loads(e)["message"] for e in audit_log(rdb)]
+    kept = [orjson.loads(e["raw"]) for e in entries]
+    assert sorted(m["n"] for m in kept + audited) == list(range(300))
+    assert all(e["ingress"] == "nats" for e in entries)
+    published = {e["raw"] for e in entries if e["reason"].startswith("published")}
+    assert published <= {m.data.decode() for m in subscriber.received("internal.held")}
+    assert f"wrote {len(entries)} undelivered messages" in consumer.output()
