@@ -86,6 +86,7 @@ class Committer:
         self._closing = False
         self._redis_ok = True
         self._nats_failing = False  # a NATS failure was logged, no success since
+        self._late = False  # messages timed out in the queue, no success since
         self._commit_task: asyncio.Task | None = None
         self.committed = 0
         self.batches = 0
@@ -172,9 +173,21 @@ class Committer:
     async def _commit(self, batch: list[_Item]) -> None:
         now = self.clock()
         live = [item for item in batch if item[2] > now]
-        if len(live) < len(batch):
+        late = len(live) < len(batch)
+        if late:
             expired = [item for item in batch if item[2] <= now]
             self._fail(expired, BrokerUnavailable("timed out waiting for the brokers"))
+            if not self._late:
+                # A stalled broker (frozen, not refusing) raises nothing
+                # while messages wait behind it: this is its log line.
+                self._late = True
+                self.logger.warning(
+                    "%d messages waited longer than FANOUT_PUBLISH_TIMEOUT "
+                    "(%g s) for the brokers; refused as retryable while they "
+                    "are this slow",
+                    len(expired),
+                    self.settings.publish_timeout,
+                )
         if not live:
             return
 
@@ -188,7 +201,12 @@ class Committer:
                 if not self._nats_failing:
                     self._nats_failing = True
                     self.logger.warning(
-                        "%s; messages are refused as retryable until it does", exc
+                        "%s; %s",
+                        exc,
+                        "messages are refused as retryable until it does"
+                        if self.confirm
+                        else "messages accepted meanwhile are lost "
+                        "(FANOUT_CONFIRM=false)",
                     )
                 raise
             if self._nats_failing:
@@ -203,6 +221,9 @@ class Committer:
             self._fail(live, exc)
             return
 
+        if self._late and not late:
+            self._late = False
+            self.logger.info("the brokers answer in time again")
         self.committed += len(live)
         self.batches += 1
         for _, waiter, _ in live:

@@ -7,12 +7,14 @@ subscriber received.
 """
 
 import asyncio
+import concurrent.futures
 import signal
 import time
 
 import nats
 import orjson
 import pytest
+import requests
 
 from tests.support import Subscriber, free_port, nats_server, wait_until
 from tests.traffic import Traffic, keys_with_ids
@@ -266,3 +268,37 @@ def test_cluster_node_loss_fails_over(launch, tmp_path, brokers, rdb, spare_serv
     after = [k for k in traffic.acked["http"] if traffic.acked_at[k] > killed_at + 0.5]
     assert len(after) > 50
     assert wait_until(lambda: len(rdb.lrange("MESSAGES:log", 0, -1)) > 0)
+
+
+def test_frozen_redis_is_logged_once_and_its_end_too(launch, brokers, subscriber):
+    """A stalled Redis raises nothing while messages wait behind it.
+
+    The requests queued behind the stalled audit write time out and are
+    refused as retryable; the gateway says so once, and once again when a
+    batch commits in time, as it does for a refusing broker.
+    """
+    http = launch.start("fanout-http", FANOUT_PUBLISH_TIMEOUT="1")
+    url = f"http://127.0.0.1:{http.port}/MESSAGES"
+
+    def post(n: int) -> int:
+        body = {"message": {"topic": "internal.stall", "n": n}}
+        return requests.post(url, json=body, timeout=30).status_code
+
+    brokers.redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+            posts = []
+            for n in range(6):
+                posts.append(pool.submit(post, n))
+                time.sleep(0.2)
+            time.sleep(2)
+            brokers.redis.proc.send_signal(signal.SIGCONT)
+            statuses = [p.result() for p in posts]
+    finally:
+        brokers.redis.proc.send_signal(signal.SIGCONT)
+    assert 503 in statuses, statuses
+    assert post(99) == 202
+
+    log = http.output()
+    assert log.count("for the brokers; refused as retryable") == 1, log
+    assert "the brokers answer in time again" in log, log
