@@ -32,6 +32,9 @@ from common.policy import Pattern, TopicPolicy
 
 MAX_DEPTH = 1024  # nesting levels; orjson's own limit, refused beyond it
 MAX_OBJECT_DEPTH = 254  # levels orjson can write back, for an object "message"
+# The audit entry holds the message one level down, and must stay readable
+# by the same parser: a message may nest one level less than orjson reads.
+MAX_MESSAGE_DEPTH = MAX_DEPTH - 1
 MAX_TOPIC_LENGTH = 256  # characters
 MAX_ID_LENGTH = 128  # characters
 KNOWN_TOPICS = 10_000  # topics remembered as allowed, per parser
@@ -131,6 +134,17 @@ def _loads(data: bytes | str, what: str) -> object:
             # orjson says "surrogates not allowed" for any bad byte.
             raise RejectedError(f"{what} is not valid UTF-8") from None
         raise RejectedError(f"{what} is not valid JSON: {reason}") from None
+
+
+def _nests_too_deep(payload: bytes) -> bool:
+    """Whether ``payload``, read whole already, nests MAX_DEPTH levels."""
+    if payload.count(b"{") + payload.count(b"[") < MAX_DEPTH:
+        return False
+    try:
+        orjson.loads(b"[" + payload + b"]")
+    except orjson.JSONDecodeError:
+        return True
+    return False
 
 
 def ndjson_lines(body: bytes) -> list[tuple[int, bytes]]:
@@ -392,6 +406,12 @@ class Parser:
         token_patterns: tuple[Pattern, ...],
         received_at: float | None = None,
     ) -> Message:
+        # PERF: only a payload of 2 bytes a level can be that deep.
+        if len(payload) >= 2 * MAX_DEPTH and _nests_too_deep(payload):
+            raise RejectedError(
+                f"message is nested deeper than {MAX_MESSAGE_DEPTH} levels, the "
+                "most its audit entry can hold"
+            )
         topic = obj.get("topic")
         if token_patterns or type(topic) is not str or topic not in self._allowed:
             if "topic" not in obj:

@@ -100,3 +100,26 @@ def test_oversize_input_is_refused_with_the_limit(parser):
 def test_subject_syntax(subject, problem):
     """Fanout checks subject syntax itself, naming what is wrong."""
     assert subject_problem(subject) == problem
+
+
+def test_deepest_message_keeps_a_readable_audit_entry():
+    """The audit entry nests the message one level down: 1023 levels at most.
+
+    orjson reads 1024 levels; a 1024-level message would be published with
+    an audit entry that neither orjson nor a replay could read back.
+    """
+    from common.audit import audit_entry
+
+    parser = Parser("ws", "MESSAGES", 1 << 20, MessageIds("test"), clock=lambda: 1.5)
+
+    def nested(levels: int) -> bytes:
+        return b'{"topic":"a","v":' + b"[" * (levels - 1) + b"]" * (levels - 1) + b"}"
+
+    deepest = parser.bare(nested(1023))
+    assert orjson.loads(audit_entry(deepest))["message"]["topic"] == "a"
+    orjson.loads(nested(1024))  # valid JSON, within orjson's own limit
+    with pytest.raises(RejectedError) as caught:
+        parser.bare(nested(1024))
+    assert str(caught.value) == (
+        "message is nested deeper than 1023 levels, the most its audit entry can hold"
+    )
