@@ -162,6 +162,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 BROKERS = ("nats-server", "valkey", "probe")
+SOAK_GROWTH = 0.10  # the most a gateway process's RSS may grow in the soak
 
 
 def cpu_per_message(row: dict) -> dict[str, float] | None:
@@ -221,10 +222,32 @@ def print_soak(soak: dict | None) -> None:
         print(f"  {kind:<6} offered {item['offered_rate']:>6,.0f}/s  "
               f"sent {item['sent']:>9,}  arrived {item['delivered']:>9,}  "
               f"p99 {_ms(item['latency_ms'].get('p99'))} ms")  # fmt: skip
-    print("  rss MiB, start -> end:")
+    half = _trend_at(soak.get("rss_trend_mib") or [], soak["seconds"] / 2)
+    print("  rss MiB, start -> half-way -> end (growth; in the second half):")
+    worst = None
     for name, start in soak["rss_start_mib"].items():
         end = soak["rss_end_mib"].get(name)
-        print(f"    {name:<34} {start:>7.1f} -> {end if end is not None else '-'}")
+        middle = half.get(name)
+        if end is None or middle is None or not start:
+            print(f"    {name:<34} {start:>7.1f} -> -")
+            continue
+        growth, late = (end - start) / start, (end - middle) / middle
+        print(f"    {name:<34} {start:>7.1f} -> {middle:>7.1f} -> {end:>7.1f}"
+              f"  ({growth:+.1%}; {late:+.1%})")  # fmt: skip
+        if name not in BROKERS and (worst is None or growth > worst[0]):
+            worst = (growth, late, name)
+    if worst:
+        growth, late, name = worst
+        verdict = "met" if growth <= SOAK_GROWTH else "MISSED"
+        print(f"  gateway rss growth <= {SOAK_GROWTH:.0%}: {verdict} (largest "
+              f"{growth:+.1%}, {name}; second half {late:+.1%})")  # fmt: skip
+
+
+def _trend_at(trend: list[dict], at: float) -> dict:
+    """The RSS sample nearest ``at`` seconds into the soak."""
+    if not trend:
+        return {}
+    return min(trend, key=lambda sample: abs(sample["at_s"] - at))
 
 
 def print_all(results: dict) -> None:
