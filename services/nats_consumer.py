@@ -16,16 +16,17 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import nats.errors
+import orjson
 
 from common import logs, runtime
-from common.audit import audit_entry, dead_entry
+from common.audit import audit_entry, dead_entry, utc_iso
 from common.brokers import NatsLink, redis_client, wait_for_redis
 from common.committer import take_batch
 from common.consumer import retry, sort_batch, split_denied
-from common.message import Parser
+from common.message import Message, Parser
 from common.settings import Settings
 
 logger = logging.getLogger("fanout.nats")
@@ -37,10 +38,16 @@ PENDING_BYTES = 256 * 1024 * 1024
 
 @dataclass(slots=True, eq=False)
 class Taken:
-    """The items of one batch, from off the inbox until they are logged."""
+    """One batch, from off the inbox until it is logged.
+
+    Before the publish, its items as received; after it, the messages NATS
+    confirmed (with their ids) and the dead-letter entries of the rest.
+    """
 
     raws: list[bytes]
     published: bool = False
+    messages: list[Message] = field(default_factory=list)
+    dead: list[bytes] = field(default_factory=list)
 
 
 class NatsConsumer:
@@ -131,15 +138,15 @@ class NatsConsumer:
             messages, dead = sort_batch(self.parser, batch, self.refusals, time.time)
             # PERF: this batch goes to NATS while the one before is logged.
             if logged is None:
-                denied = await self._publish(messages, taken)
+                await self._publish(messages, dead, taken)
             else:
-                denied, _ = await asyncio.gather(
-                    self._publish(messages, taken), self._log(*logged)
+                await asyncio.gather(
+                    self._publish(messages, dead, taken), self._log(*logged)
                 )
-            messages, refused = split_denied(messages, denied, "nats", logger)
-            logged = (messages, dead + refused, taken)
+            logged = (taken.messages, taken.dead, taken)
 
-    async def _publish(self, messages: list, taken: Taken) -> set[str]:
+    async def _publish(self, messages: list, dead: list[bytes], taken: Taken) -> None:
+        """Publish; ``taken`` then holds what NATS took and the dead letters."""
         denied: set[str] = set()
         if messages:
             denied = await retry(
@@ -148,8 +155,9 @@ class NatsConsumer:
                 logger,
                 lambda: False,
             )
-        taken.published = True
-        return denied
+        # Recorded at once: the log of the batch before may still be waiting.
+        kept, refused = split_denied(messages, denied, "nats", logger)
+        taken.messages, taken.dead, taken.published = kept, dead + refused, True
 
     async def _log(self, messages: list, dead: list[bytes], taken: Taken) -> None:
         async def append():
@@ -205,31 +213,50 @@ class NatsConsumer:
     def _write_undelivered(self) -> None:
         """The last resort for what the brokers did not take in time.
 
-        Each message still held goes to this process's log as a dead-letter
-        entry (its exact bytes, and whether NATS already has it), so that
-        an operator can replay it; nothing received is dropped silently.
+        Each message still held goes to this process's log, so that an
+        operator can replay it and nothing received is dropped silently: a
+        message NATS already has, with the id it was published with and the
+        payload as published (replayed as the envelope ``{"id": ...,
+        "message": ...}``, its copy keeps that id); one not yet published as
+        a dead-letter entry with its exact bytes; a refused one as the dead
+        letter it was to become.
         """
         now = time.time()
-        held = [(taken.raws, taken.published) for taken in self.taken]
-        held.append(([raw for _, raw in self.inbox], False))
-        for raws, published in held:
-            reason = (
-                "published to nats; its audit entry was not confirmed written"
-                if published
-                else "not published: the brokers did not take it before shutdown"
-            )
-            for raw in raws:
-                entry = dead_entry(raw, reason, "nats", now)
-                logger.error("undelivered at shutdown: %s", entry.decode())
-                self.undelivered += 1
+        entries: list[bytes] = []
+        unpublished = [raw for _, raw in self.inbox]
+        for taken in self.taken:
+            if not taken.published:
+                unpublished += taken.raws
+                continue
+            entries += [_published_entry(m) for m in taken.messages]
+            entries += taken.dead
+        reason = "not published: the brokers did not take it before shutdown"
+        entries += [dead_entry(raw, reason, "nats", now) for raw in unpublished]
+        for entry in entries:
+            logger.error("undelivered at shutdown: %s", entry.decode())
+        self.undelivered += len(entries)
         self.taken.clear()
         self.inbox.clear()
-        if self.undelivered:
+        if entries:
             logger.error(
                 "wrote %d undelivered messages to this log ('undelivered at "
                 "shutdown' lines); replay them once the brokers are back",
-                self.undelivered,
+                len(entries),
             )
+
+
+def _published_entry(message: Message) -> bytes:
+    """A message NATS has and the audit log may not: its id and payload."""
+    return orjson.dumps(
+        {
+            "received_at": utc_iso(message.received_at),
+            "ingress": "nats",
+            "reason": "published to nats with this id; its audit entry was not "
+            "confirmed written",
+            "id": message.id,
+            "message": message.payload.decode(),
+        }
+    )
 
 
 def _raw_size(item: tuple[None, bytes]) -> int:
