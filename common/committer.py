@@ -38,6 +38,7 @@ _Item = tuple[Message, asyncio.Future | None, float]  # message, waiter, deadlin
 # A batch stops at this many bytes of messages even below its count, so that
 # one NATS write and one audit RPUSH stay a bounded size.
 BATCH_BYTES = 8 * 1024 * 1024
+EXPIRY_CHECK = 0.2  # seconds between checks of the queue while a commit hangs
 
 
 def take_batch(queue: deque, most: int, size_of) -> list:
@@ -87,6 +88,8 @@ class Committer:
         self._redis_ok = True
         self._nats_failing = False  # a NATS failure was logged, no success since
         self._late = False  # messages timed out in the queue, no success since
+        self._in_flight = 0  # messages of the batch being committed
+        self._watch: asyncio.TimerHandle | None = None
         self._commit_task: asyncio.Task | None = None
         self.committed = 0
         self.batches = 0
@@ -103,10 +106,10 @@ class Committer:
         """
         if self._closing:
             raise ShuttingDown("the gateway is shutting down; send it again later")
-        if len(self._queue) >= self.settings.max_pending:
+        waiting = len(self._queue) + self._in_flight
+        if waiting >= self.settings.max_pending:
             raise Overloaded(
-                f"{len(self._queue)} messages are waiting for the brokers; "
-                "send it again later"
+                f"{waiting} messages are waiting for the brokers; send it again later"
             )
         waiter = asyncio.get_running_loop().create_future() if self.confirm else None
         deadline = self.clock() + self.settings.publish_timeout
@@ -122,9 +125,10 @@ class Committer:
         """
         if self._closing:
             raise ShuttingDown("the gateway is shutting down; send it again later")
-        if len(self._queue) + len(messages) > self.settings.max_pending:
+        waiting = len(self._queue) + self._in_flight
+        if waiting + len(messages) > self.settings.max_pending:
             raise Overloaded(
-                f"{len(self._queue)} messages are waiting for the brokers; "
+                f"{waiting} messages are waiting for the brokers; "
                 f"{len(messages)} more would exceed FANOUT_MAX_PENDING "
                 f"({self.settings.max_pending}); send them again later"
             )
@@ -147,6 +151,7 @@ class Committer:
     async def _run(self) -> None:
         batch_size = self.settings.batch_size
         queue = self._queue
+        loop = asyncio.get_running_loop()
         while True:
             if not queue:
                 if self._closing:
@@ -159,6 +164,8 @@ class Committer:
                 await asyncio.sleep(0)
                 continue
             batch = take_batch(queue, batch_size, _message_size)
+            self._in_flight = len(batch)
+            self._watch = loop.call_later(EXPIRY_CHECK, self._expire_queued)
             try:
                 await self._commit(batch)
             except Exception:  # noqa: BLE001 - the committer must outlive a bug
@@ -169,6 +176,38 @@ class Committer:
                     batch,
                     BrokerUnavailable("internal error; send it again with the same id"),
                 )
+            finally:
+                self._in_flight = 0
+                self._watch.cancel()
+
+    def _expire_queued(self) -> None:
+        """While a commit hangs, refuse the queued messages past their time.
+
+        A broker that stalls without refusing (a frozen Redis) holds the
+        batch in hand until redis-py gives up; the messages queued behind it
+        are answered when their own timeout passes, not after the stall.
+        """
+        now, queue = self.clock(), self._queue
+        expired = []
+        while queue and queue[0][2] <= now:  # queued in deadline order
+            expired.append(queue.popleft())
+        if expired:
+            self._fail(expired, BrokerUnavailable("timed out waiting for the brokers"))
+            self._note_late(len(expired))
+        loop = asyncio.get_running_loop()
+        self._watch = loop.call_later(EXPIRY_CHECK, self._expire_queued)
+
+    def _note_late(self, count: int) -> None:
+        if not self._late:
+            # A stalled broker (frozen, not refusing) raises nothing while
+            # messages wait behind it: this is its log line.
+            self._late = True
+            self.logger.warning(
+                "%d messages waited longer than FANOUT_PUBLISH_TIMEOUT (%g s) "
+                "for the brokers; refused as retryable while they are this slow",
+                count,
+                self.settings.publish_timeout,
+            )
 
     async def _commit(self, batch: list[_Item]) -> None:
         now = self.clock()
@@ -177,17 +216,7 @@ class Committer:
         if late:
             expired = [item for item in batch if item[2] <= now]
             self._fail(expired, BrokerUnavailable("timed out waiting for the brokers"))
-            if not self._late:
-                # A stalled broker (frozen, not refusing) raises nothing
-                # while messages wait behind it: this is its log line.
-                self._late = True
-                self.logger.warning(
-                    "%d messages waited longer than FANOUT_PUBLISH_TIMEOUT "
-                    "(%g s) for the brokers; refused as retryable while they "
-                    "are this slow",
-                    len(expired),
-                    self.settings.publish_timeout,
-                )
+            self._note_late(len(expired))
         if not live:
             return
 

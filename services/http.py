@@ -169,7 +169,10 @@ class MessagesResource:
         if length is not None and length <= self._whole_limit:
             # PERF: small enough for either limit; one read.
             body = await req.stream.read()
-            bulk = media_type == NDJSON or body.lstrip(b" \t\r\n").startswith(b"[")
+            # The same decision as a body read in parts: "[" within PEEK.
+            bulk = media_type == NDJSON or body[:PEEK].lstrip(b" \t\r\n").startswith(
+                b"["
+            )
         else:
             body, bulk = await self._read_limited(req, media_type)
         if length is not None and len(body) < length:

@@ -1,6 +1,9 @@
 """Bulk HTTP requests: a JSON array or NDJSON of envelopes in one POST."""
 
+import concurrent.futures
 import json
+import signal
+import time
 
 import orjson
 import pytest
@@ -290,6 +293,29 @@ def test_no_room_for_the_whole_request_queues_none(launch, subscriber):
     assert len(subscriber.wait_for(5)) == 5
 
 
+def test_batch_in_flight_counts_against_max_pending(launch, brokers, subscriber):
+    """Messages being committed still wait: FANOUT_MAX_PENDING counts them."""
+    gateway = launch.start(
+        "fanout-http", FANOUT_MAX_PENDING="8", FANOUT_PUBLISH_TIMEOUT="2"
+    )
+    url = f"http://127.0.0.1:{gateway.port}/MESSAGES"
+    brokers.nats.proc.send_signal(signal.SIGSTOP)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            held = pool.submit(post, url, b"\n".join([ONE] * 5), NDJSON)
+            time.sleep(0.5)  # taken as a batch, waiting on the frozen NATS
+            second = post(url, b"\n".join([ONE] * 5), NDJSON)
+            brokers.nats.proc.send_signal(signal.SIGCONT)
+            held.result()
+    finally:
+        brokers.nats.proc.send_signal(signal.SIGCONT)
+
+    assert [r["error"] for r in second.json()["results"]] == [
+        "5 messages are waiting for the brokers; 5 more would exceed "
+        "FANOUT_MAX_PENDING (8); send them again later"
+    ] * 5
+
+
 def test_hundred_messages_per_request_all_delivered(http, subscriber, rdb):
     """100 envelopes per request, as JSON and as NDJSON: all delivered, in order."""
     sent = texts(200, "internal.many")
@@ -303,3 +329,21 @@ def test_hundred_messages_per_request_all_delivered(http, subscriber, rdb):
     got = subscriber.wait_for(200, "internal.")
     assert [m.data for m in got] == [text.encode() for text in sent]
     assert [orjson.loads(e)["id"] for e in audit_log(rdb)] == ids
+
+
+def test_array_after_4_kib_of_spaces_is_one_body_however_it_is_sent(http):
+    """Bulk or not is decided on the first 4 KiB, with or without a length."""
+    body = b" " * 5000 + b"[" + ONE + b"]"
+
+    def chunks():
+        yield body[:3000]
+        yield body[3000:]
+
+    sized = post(http, body)
+    chunked = requests.post(
+        http, data=chunks(), headers={"Content-Type": "application/json"}, timeout=20
+    )
+
+    assert sized.status_code == chunked.status_code == 400
+    assert sized.json() == chunked.json()
+    assert "not an array" in sized.json()["error"]
