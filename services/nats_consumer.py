@@ -8,8 +8,8 @@ gone before Fanout sees it. Once received, a message is not lost by the
 gateway: the consumer publishes and logs every message it holds before it
 stops. If the brokers do not let it within the shutdown timeout (Redis
 down, say), the messages it still holds are written to its own log, one
-``undelivered at shutdown`` line each in the dead-letter entry's JSON form,
-and it exits 1.
+``undelivered at shutdown`` line each (with its id, if NATS already has
+it), and it exits 1.
 """
 
 import asyncio
@@ -125,7 +125,7 @@ class NatsConsumer:
         while True:
             if not self.inbox:
                 if logged is not None:
-                    await self._log(*logged)
+                    await self._log(logged)
                     logged = None
                     continue
                 self.arrived.clear()
@@ -141,9 +141,9 @@ class NatsConsumer:
                 await self._publish(messages, dead, taken)
             else:
                 await asyncio.gather(
-                    self._publish(messages, dead, taken), self._log(*logged)
+                    self._publish(messages, dead, taken), self._log(logged)
                 )
-            logged = (taken.messages, taken.dead, taken)
+            logged = taken
 
     async def _publish(self, messages: list, dead: list[bytes], taken: Taken) -> None:
         """Publish; ``taken`` then holds what NATS took and the dead letters."""
@@ -159,7 +159,9 @@ class NatsConsumer:
         kept, refused = split_denied(messages, denied, "nats", logger)
         taken.messages, taken.dead, taken.published = kept, dead + refused, True
 
-    async def _log(self, messages: list, dead: list[bytes], taken: Taken) -> None:
+    async def _log(self, taken: Taken) -> None:
+        messages, dead = taken.messages, taken.dead
+
         async def append():
             pipe = self.redis.pipeline(transaction=False)
             if messages:
