@@ -154,14 +154,9 @@ def redis_load(args) -> dict:
 async def nats_load(args) -> dict:
     """Publishes to ``--subject``; flushes at the end, so the server has all."""
     nc = await nats.connect(args.url, name="bench-publisher")
-    if args.prebuilt:
-        made = None
-        fixed = message(args.topic, 0)
-    elif not args.rate:
-        made = [message(args.topic, n) for n in range(args.count)]
-        fixed = None
-    else:
-        made = fixed = None
+    fixed = message(args.topic, 0) if args.prebuilt else None
+    burst = not (fixed or args.rate)
+    made = [message(args.topic, n) for n in range(args.count)] if burst else None
     cpu = time.process_time()
     deadline = time.monotonic() + args.seconds
     start = time.monotonic()

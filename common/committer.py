@@ -192,12 +192,13 @@ class Committer:
         while queue and queue[0][2] <= now:  # queued in deadline order
             expired.append(queue.popleft())
         if expired:
-            self._fail(expired, BrokerUnavailable("timed out waiting for the brokers"))
-            self._note_late(len(expired))
+            self._refuse_late(expired)
         loop = asyncio.get_running_loop()
         self._watch = loop.call_later(EXPIRY_CHECK, self._expire_queued)
 
-    def _note_late(self, count: int) -> None:
+    def _refuse_late(self, expired: list[_Item]) -> None:
+        """Refuse messages past their publish timeout; say so once."""
+        self._fail(expired, BrokerUnavailable("timed out waiting for the brokers"))
         if not self._late:
             # A stalled broker (frozen, not refusing) raises nothing while
             # messages wait behind it: this is its log line.
@@ -205,7 +206,7 @@ class Committer:
             self.logger.warning(
                 "%d messages waited longer than FANOUT_PUBLISH_TIMEOUT (%g s) "
                 "for the brokers; refused as retryable while they are this slow",
-                count,
+                len(expired),
                 self.settings.publish_timeout,
             )
 
@@ -214,9 +215,7 @@ class Committer:
         live = [item for item in batch if item[2] > now]
         late = len(live) < len(batch)
         if late:
-            expired = [item for item in batch if item[2] <= now]
-            self._fail(expired, BrokerUnavailable("timed out waiting for the brokers"))
-            self._note_late(len(expired))
+            self._refuse_late([item for item in batch if item[2] <= now])
         if not live:
             return
 

@@ -53,6 +53,14 @@ def _result(outcome: Message | FanoutError) -> dict:
     return result
 
 
+def _starts_array(head: bytes) -> bool:
+    """Whether a body's first :data:`PEEK` bytes make it a bulk JSON array.
+
+    The one rule for a body read whole and one read in parts.
+    """
+    return head.lstrip(b" \t\r\n").startswith(b"[")
+
+
 def _media_type(req: falcon.asgi.Request) -> str:
     media_type = (req.content_type or "").split(";", 1)[0].strip().lower()
     if media_type not in (JSON, NDJSON):
@@ -169,10 +177,7 @@ class MessagesResource:
         if length is not None and length <= self._whole_limit:
             # PERF: small enough for either limit; one read.
             body = await req.stream.read()
-            # The same decision as a body read in parts: "[" within PEEK.
-            bulk = media_type == NDJSON or body[:PEEK].lstrip(b" \t\r\n").startswith(
-                b"["
-            )
+            bulk = media_type == NDJSON or _starts_array(body[:PEEK])
         else:
             body, bulk = await self._read_limited(req, media_type)
         if length is not None and len(body) < length:
@@ -196,7 +201,7 @@ class MessagesResource:
         bulk = media_type == NDJSON
         if not bulk:
             head = await req.stream.read(PEEK)
-            bulk = head.lstrip(b" \t\r\n").startswith(b"[")
+            bulk = _starts_array(head)
 
         limit = self.settings.max_bulk_bytes if bulk else self.parser.max_bytes
         check = self._check_bulk_size if bulk else self.parser.check_size
