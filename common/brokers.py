@@ -12,6 +12,7 @@ import random
 import re
 import ssl
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import nats
@@ -173,6 +174,16 @@ class DirectClient(NatsClient):
         return subscription
 
 
+@dataclass(slots=True)
+class Written:
+    """A batch written to NATS with a PING behind it (:meth:`NatsLink.send`)."""
+
+    messages: Sequence[Message]
+    reconnects: int  # the connection's reconnect count when written
+    pong: asyncio.Future | None = None
+    error: BrokerUnavailable | None = None
+
+
 class NatsLink:
     """One nats-py connection with a ``connected`` event and batch publish.
 
@@ -296,20 +307,22 @@ class NatsLink:
     async def publish(self, messages: Sequence[Message], timeout: float) -> set[str]:
         """Publish ``messages`` and wait until the server has them all.
 
-        The flush is a PING/PONG round trip: the server answers a PING only
-        after everything sent before it on the connection, so when the PONG
-        arrives it has every message. Returns the topics the server refused
-        (a publish permission the gateway's NATS user lacks): it dropped
-        the messages to those, and said so before its PONG (read with its
-        case by :class:`FrameReader`: a topic differing only in case from a
-        refused one is another subject, and was delivered). Raises
-        :class:`BrokerUnavailable` if the rest is not confirmed in time;
-        some of the messages may still reach the server later.
+        Returns the topics the server refused; see :meth:`confirm`.
+        """
+        return await self.confirm(await self.send(messages), timeout)
+
+    async def send(self, messages: Sequence[Message]) -> "Written":
+        """Write ``messages`` and a PING; :meth:`confirm` waits for its PONG.
+
+        Never raises: a failed write is kept for :meth:`confirm` to raise.
+        One batch at a time: the refusals :meth:`confirm` reports are those
+        since the last send.
         """
         nc = self.nc
-        reconnects = nc.stats["reconnects"]
+        written = Written(messages, nc.stats["reconnects"])
         if not nc.is_connected:
-            raise BrokerUnavailable("nats is not connected")
+            written.error = BrokerUnavailable("nats is not connected")
+            return written
         nc.denied_subjects.clear()
         try:
             # nats-py's flush() writes its PING straight to the socket while
@@ -319,26 +332,55 @@ class NatsLink:
             # one write, so the PING follows it. (This also spares nats-py's
             # per-message publish, the largest cost of a consumer.)
             nc._transport.write(hpub_frames(messages))
-            await self._round_trip(timeout)
+            written.pong = await self._ping()
+        except (nats.errors.Error, OSError) as exc:
+            written.error = BrokerUnavailable(
+                f"nats did not confirm the message ({exc.__class__.__name__})"
+            )
+        except BrokerUnavailable as exc:
+            written.error = exc
+        return written
+
+    async def confirm(self, written: "Written", timeout: float) -> set[str]:
+        """Wait up to ``timeout`` seconds until the server has a batch.
+
+        The server answers a PING only after everything sent before it on
+        the connection, so when the PONG arrives it has every message.
+        Returns the topics the server refused (a publish permission the
+        gateway's NATS user lacks): it dropped the messages to those, and
+        said so before its PONG (read with its case by
+        :class:`FrameReader`: a topic differing only in case from a refused
+        one is another subject, and was delivered). Raises
+        :class:`BrokerUnavailable` if the rest is not confirmed in time;
+        some of the messages may still reach the server later.
+        """
+        if written.error is not None:
+            raise written.error
+        try:
+            await asyncio.wait_for(asyncio.shield(written.pong), timeout)
+        except TimeoutError:
+            raise BrokerUnavailable(
+                "nats did not confirm the message in time"
+            ) from None
         except (nats.errors.Error, OSError) as exc:
             raise BrokerUnavailable(
                 f"nats did not confirm the message ({exc.__class__.__name__})"
             ) from exc
-
         # nats-py's flush() returns without a PONG when its read loop has
-        # just died with the connection; only a flush on the same, still
+        # just died with the connection; only a PONG on the same, still
         # live connection confirms anything.
-        if not nc.is_connected or nc.stats["reconnects"] != reconnects:
+        nc = self.nc
+        if not nc.is_connected or nc.stats["reconnects"] != written.reconnects:
             raise BrokerUnavailable(
                 "nats connection dropped before the message was confirmed"
             )
         denied = nc.denied_subjects
         if not denied:
             return set()
-        return {m.topic for m in messages if m.topic in denied}
+        return {m.topic for m in written.messages if m.topic in denied}
 
-    async def _round_trip(self, timeout: float) -> None:
-        """PING, and wait up to ``timeout`` seconds for its PONG.
+    async def _ping(self) -> asyncio.Future:
+        """Send a PING; the future its PONG resolves.
 
         Not nats-py's flush(): on a timeout it cancels the future its PONG
         would resolve, and when that PONG comes late nats-py's reader dies
@@ -356,12 +398,7 @@ class NatsLink:
             raise BrokerUnavailable("nats connection broke; reconnecting")
         pong = asyncio.get_running_loop().create_future()
         await nc._send_ping(pong)
-        try:
-            await asyncio.wait_for(asyncio.shield(pong), timeout)
-        except TimeoutError:
-            raise BrokerUnavailable(
-                "nats did not confirm the message in time"
-            ) from None
+        return pong
 
     async def close(self) -> None:
         """Send what is buffered, then close; never raises.

@@ -336,7 +336,8 @@ def test_redis_acl_without_the_audit_log_holds_items_until_fixed(
     data.mkdir()
     command = redis_command(port, data) + [
         *("--user", "fanout", "on", ">acl-pw-2718", "+@all"),
-        *("~MESSAGES", "~MESSAGES:processing:*", "~MESSAGES:consumer:*"),
+        *("~MESSAGES", "~MESSAGES:processing:*", "~MESSAGES:batches:*"),
+        "~MESSAGES:consumer:*",
     ]
     redis_acl = Server(command, port, tmp_path / f"redis-{port}.log").start()
     spare_servers.append(redis_acl)

@@ -65,8 +65,21 @@ def test_dead_consumer_list_is_taken_over(launch, brokers, subscriber, rdb):
     assert sorted(numbers_with_ids(subscriber.received("internal.batch"))) == list(
         range(300)
     )
-    assert wait_until(lambda: not rdb.exists("MESSAGES:processing:doomed"))
+    assert wait_until(
+        lambda: not rdb.exists("MESSAGES:processing:doomed", "MESSAGES:batches:doomed")
+    )
     heir.wait_for_log("took over 300 unfinished items from consumer doomed")
+
+
+def test_items_put_on_a_processing_list_by_hand_are_delivered(launch, subscriber, rdb):
+    """Items with no batch entry (moved there by an operator) are not stuck."""
+    rdb.rpush("MESSAGES:processing:byhand", *items(30))
+    launch.start("fanout-redis", FANOUT_CONSUMER_NAME="byhand")
+    seen = numbers_with_ids(subscriber.wait_for(30, "internal.batch", timeout=15))
+    assert sorted(seen) == list(range(30))
+    assert wait_until(lambda: not rdb.exists("MESSAGES:processing:byhand"))
+    assert wait_until(lambda: not rdb.exists("MESSAGES:batches:byhand"))
+    assert rdb.llen("MESSAGES:log") == 30
 
 
 def test_two_consumers_share_a_list_without_duplicates(launch, subscriber, rdb):

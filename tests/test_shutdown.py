@@ -148,7 +148,7 @@ def test_redis_consumer_gives_back_what_it_could_not_finish(launch, brokers, rdb
     brokers.nats.proc.send_signal(signal.SIGCONT)
 
     assert rdb.lrange("MESSAGES", 0, -1) == batch
-    assert not rdb.exists("MESSAGES:processing:g")
+    assert not rdb.exists("MESSAGES:processing:g", "MESSAGES:batches:g")
     assert "gave 50 unfinished items back to the list" in consumer.output()
 
 
