@@ -44,6 +44,35 @@ def backoff_delays(start: float = BACKOFF_START, most: float = BACKOFF_MAX):
         delay = min(delay * 2, most)
 
 
+KNOWN_FRAMES = 4096  # control lines FrameReader keeps split
+
+
+def message_frame(control: bytes) -> tuple[bytes, int, bytes, int, int] | None:
+    """A ``MSG``/``HMSG`` control line (no CRLF) split into subject, sid,
+    reply subject, header bytes and total bytes; None for any other line."""
+    if control.startswith(b"MSG "):
+        parts = control[4:].split()
+        headers = 0
+    elif control.startswith(b"HMSG "):
+        parts = control[5:].split()
+        try:
+            headers = int(parts.pop(-2))
+        except (IndexError, ValueError):
+            raise ProtocolError("nats: malformed HMSG") from None
+    else:
+        return None
+    if len(parts) not in (3, 4):
+        raise ProtocolError("nats: malformed MSG")
+    try:
+        sid, total = int(parts[1]), int(parts[-1])
+    except ValueError:
+        raise ProtocolError("nats: malformed MSG") from None
+    if not 0 <= headers <= total:
+        raise ProtocolError("nats: malformed HMSG")
+    reply = parts[2] if len(parts) == 4 else b""
+    return parts[0], sid, reply, headers, total
+
+
 class FrameReader(NatsParser):
     """nats-py's protocol parser with a quick path for message frames.
 
@@ -57,6 +86,13 @@ class FrameReader(NatsParser):
     message for a subscription that has no deliver function.
     """
 
+    def __init__(self, nc: "DirectClient"):
+        super().__init__(nc)
+        # PERF: a stream of messages repeats a few control lines (same
+        # subject, same sizes); each is split and checked once, then looked
+        # up (splitting was 0.6 of the 1.0 us a frame took).
+        self._known: dict[bytes, tuple[bytes, int, bytes, int, int]] = {}
+
     async def parse(self, data: bytes = b"") -> None:
         if self.buf:
             # A frame that did not fit the last chunk; ``needed`` is its size.
@@ -68,49 +104,41 @@ class FrameReader(NatsParser):
         self.needed = 0
         direct = self.nc._direct
         subs = self.nc._subs
+        known = self._known
         pos, size = 0, len(data)
         while pos < size:
             eol = data.find(b"\r\n", pos)
             if eol < 0:
                 break
-            if data.startswith(b"MSG ", pos):
-                parts = data[pos + 4 : eol].split()
-                headers = 0
-            elif data.startswith(b"HMSG ", pos):
-                parts = data[pos + 5 : eol].split()
-                try:
-                    headers = int(parts.pop(-2))
-                except (IndexError, ValueError):
-                    raise ProtocolError("nats: malformed HMSG") from None
-            else:
-                line = data[pos : eol + 2]
-                if line.startswith(b"-ERR"):
-                    self._note_denied(line)
-                await self._one_line(line)
-                pos = eol + 2
-                continue
-            if len(parts) not in (3, 4):
-                raise ProtocolError("nats: malformed MSG")
-            try:
-                sid, total = int(parts[1]), int(parts[-1])
-            except ValueError:
-                raise ProtocolError("nats: malformed MSG") from None
+            control = data[pos:eol]
+            frame = known.get(control)
+            if frame is None:
+                frame = message_frame(control)
+                if frame is None:
+                    line = data[pos : eol + 2]
+                    if line.startswith(b"-ERR"):
+                        self._note_denied(line)
+                    await self._one_line(line)
+                    pos = eol + 2
+                    continue
+                if len(known) >= KNOWN_FRAMES:
+                    known.clear()
+                known[control] = frame
+            subject, sid, reply, headers, total = frame
             start = eol + 2
             end = start + total
-            if headers > total:
-                raise ProtocolError("nats: malformed HMSG")
             if end + 2 > size:
                 self.needed = end + 2 - pos
                 break
             deliver = direct.get(sid)
             if deliver is not None:
                 if sid in subs:  # not after the subscription was drained
-                    deliver(parts[0], data[start + headers : end])
+                    deliver(subject, data[start + headers : end])
             else:
                 await self.nc._process_msg(
                     sid,
-                    parts[0],
-                    parts[2] if len(parts) == 4 else b"",
+                    subject,
+                    reply,
                     data[start + headers : end],
                     data[start : start + headers] if headers else None,
                 )

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError
 
 from common.audit import dead_entry
-from common.brokers import backoff_delays, log_denied
+from common.brokers import NatsLink, Written, backoff_delays, log_denied
 from common.errors import FanoutError, PublishDenied, RejectedError, RetryableError
 from common.logs import RateLimited
 from common.message import Message, Parser
@@ -72,6 +72,33 @@ def split_denied(
         if m.topic in denied
     ]
     return kept, dead
+
+
+async def confirm(
+    nats: NatsLink,
+    written: Written | None,
+    messages: list[Message],
+    timeout: float,
+    logger: logging.Logger,
+    give_up: Callable[[], bool],
+) -> set[str] | None:
+    """Wait until NATS has ``messages``, written earlier as ``written``.
+
+    A batch NATS did not confirm is published again, whole, until it is
+    (see :func:`retry`). The topics NATS refused, or None once ``give_up()``
+    says so.
+    """
+
+    def attempt() -> Awaitable[set[str]]:
+        nonlocal written
+        if written is None:
+            return nats.publish(messages, timeout)
+        first, written = written, None
+        return nats.confirm(first, timeout)
+
+    return await retry(
+        attempt, f"publishing {len(messages)} messages to nats", logger, give_up
+    )
 
 
 async def retry(

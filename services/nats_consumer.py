@@ -23,9 +23,9 @@ import orjson
 
 from common import logs, runtime
 from common.audit import audit_entry, dead_entry, utc_iso
-from common.brokers import NatsLink, redis_client, wait_for_redis
+from common.brokers import NatsLink, Written, redis_client, wait_for_redis
 from common.committer import take_batch
-from common.consumer import retry, sort_batch, split_denied
+from common.consumer import confirm, retry, sort_batch, split_denied
 from common.message import Message, Parser
 from common.settings import Settings
 
@@ -40,14 +40,16 @@ PENDING_BYTES = 256 * 1024 * 1024
 class Taken:
     """One batch, from off the inbox until it is logged.
 
-    Before the publish, its items as received; after it, the messages NATS
-    confirmed (with their ids) and the dead-letter entries of the rest.
+    Its items as received; once parsed, its messages and dead-letter
+    entries; once NATS confirmed them (``published``), the messages NATS
+    took (with their ids) and the dead-letter entries of the rest.
     """
 
     raws: list[bytes]
     published: bool = False
     messages: list[Message] = field(default_factory=list)
     dead: list[bytes] = field(default_factory=list)
+    written: Written | None = None  # written to NATS, not yet confirmed
 
 
 class NatsConsumer:
@@ -121,9 +123,10 @@ class NatsConsumer:
             self.stopping.set()
 
     async def _work(self) -> None:
-        logged = None  # the batch published last, until its audit is written
+        flight = None  # the batch written to NATS last, not yet confirmed
+        logged = None  # the batch NATS confirmed last, until its audit is written
         while True:
-            if not self.inbox:
+            if not self.inbox and flight is None:
                 if logged is not None:
                     await self._log(logged)
                     logged = None
@@ -131,33 +134,51 @@ class NatsConsumer:
                 self.arrived.clear()
                 await self.arrived.wait()
                 continue
-            batch = take_batch(self.inbox, self.settings.batch_size, _raw_size)
-            self.held_bytes -= sum(len(raw) for _, raw in batch)
-            taken = Taken([raw for _, raw in batch])
-            self.taken.append(taken)
-            messages, dead = sort_batch(self.parser, batch, self.refusals, time.time)
-            # PERF: this batch goes to NATS while the one before is logged.
-            if logged is None:
-                await self._publish(messages, dead, taken)
-            else:
-                await asyncio.gather(
-                    self._publish(messages, dead, taken), self._log(logged)
+            taken = None
+            if self.inbox:
+                batch = take_batch(self.inbox, self.settings.batch_size, _raw_size)
+                self.held_bytes -= sum(len(raw) for _, raw in batch)
+                taken = Taken([raw for _, raw in batch])
+                self.taken.append(taken)
+                taken.messages, taken.dead = sort_batch(
+                    self.parser, batch, self.refusals, time.time
                 )
-            logged = taken
+            # PERF: three batches move at once: the one confirmed last is
+            # logged while the one written last is confirmed and this one is
+            # written (parsed while NATS read the one before).
+            steps = [self._advance(flight, taken)]
+            if logged is not None:
+                steps.append(self._log(logged))
+            await asyncio.gather(*steps)
+            logged, flight = flight, taken
 
-    async def _publish(self, messages: list, dead: list[bytes], taken: Taken) -> None:
-        """Publish; ``taken`` then holds what NATS took and the dead letters."""
-        denied: set[str] = set()
+    async def _advance(self, flight: Taken | None, taken: Taken | None) -> None:
+        """Confirm the batch written last, then write ``taken``.
+
+        One batch unconfirmed at a time: a batch that failed is published
+        again before anything behind it is written.
+        """
+        if flight is not None:
+            await self._confirm(flight)
+        if taken is not None and taken.messages:
+            taken.written = await self.nats.send(taken.messages)
+
+    async def _confirm(self, taken: Taken) -> None:
+        """Wait for NATS; ``taken`` then holds what it took and the dead letters."""
+        messages, denied = taken.messages, set()
         if messages:
-            denied = await retry(
-                lambda: self.nats.publish(messages, self.settings.publish_timeout),
-                f"publishing {len(messages)} messages to nats",
+            denied = await confirm(
+                self.nats,
+                taken.written,
+                messages,
+                self.settings.publish_timeout,
                 logger,
                 lambda: False,
             )
         # Recorded at once: the log of the batch before may still be waiting.
         kept, refused = split_denied(messages, denied, "nats", logger)
-        taken.messages, taken.dead, taken.published = kept, dead + refused, True
+        taken.messages, taken.dead = kept, taken.dead + refused
+        taken.written, taken.published = None, True
 
     async def _log(self, taken: Taken) -> None:
         messages, dead = taken.messages, taken.dead

@@ -33,7 +33,7 @@ from common import logs, runtime
 from common.audit import audit_entry
 from common.brokers import NatsLink, Written, redis_client, wait_for_redis
 from common.committer import BATCH_BYTES
-from common.consumer import retry, sort_batch, split_denied
+from common.consumer import confirm, retry, sort_batch, split_denied
 from common.message import Message, MessageIds, Parser
 from common.settings import Settings
 
@@ -332,23 +332,16 @@ class RedisConsumer:
     async def _confirm(self, flight: "Flight") -> "Commit | None":
         """What committing a written batch takes, once NATS has it all.
 
-        A batch NATS did not confirm is published again until it is; None
-        when stopping cut that short.
+        None when stopping cut short the publishing of a batch NATS did
+        not confirm.
         """
         messages, dead = flight.messages, flight.dead
         if messages:
-            written = flight.written
-
-            def attempt():
-                nonlocal written
-                if written is None:
-                    return self.nats.publish(messages, self.settings.publish_timeout)
-                first, written = written, None
-                return self.nats.confirm(first, self.settings.publish_timeout)
-
-            denied = await retry(
-                attempt,
-                f"publishing {len(messages)} messages to nats",
+            denied = await confirm(
+                self.nats,
+                flight.written,
+                messages,
+                self.settings.publish_timeout,
                 logger,
                 self._past_stop_deadline,
             )
