@@ -46,6 +46,9 @@ def backoff_delays(start: float = BACKOFF_START, most: float = BACKOFF_MAX):
 
 KNOWN_FRAMES = 4096  # control lines FrameReader keeps split
 
+# What a direct subscription is handed: (subject, payload) pairs, in order.
+Deliver = Callable[[list[tuple[bytes, bytes]]], None]
+
 
 def message_frame(control: bytes) -> tuple[bytes, int, bytes, int, int] | None:
     """A ``MSG``/``HMSG`` control line (no CRLF) split into subject, sid,
@@ -81,9 +84,10 @@ class FrameReader(NatsParser):
     NATS consumer's rates that was most of its time. Here ``MSG`` and
     ``HMSG`` frames are split where they lie in the chunk just read, and a
     subscription's deliver function (see :meth:`DirectClient.subscribe_direct`)
-    is called with no await. Every other operation (PING, PONG, INFO, +OK,
-    -ERR) is one line, handed whole to nats-py's own parser, as is a
-    message for a subscription that has no deliver function.
+    is called with no await, once with all its messages in the chunk. Every
+    other operation (PING, PONG, INFO, +OK, -ERR) is one line, handed whole
+    to nats-py's own parser, as is a message for a subscription that has no
+    deliver function; messages read before such a line are delivered first.
     """
 
     def __init__(self, nc: "DirectClient"):
@@ -103,8 +107,9 @@ class FrameReader(NatsParser):
             self.buf = bytearray()
         self.needed = 0
         direct = self.nc._direct
-        subs = self.nc._subs
         known = self._known
+        read: dict[int, list[tuple[bytes, bytes]]] = {}  # per direct sid
+        last_sid, last = None, []
         pos, size = 0, len(data)
         while pos < size:
             eol = data.find(b"\r\n", pos)
@@ -115,6 +120,8 @@ class FrameReader(NatsParser):
             if frame is None:
                 frame = message_frame(control)
                 if frame is None:
+                    self._deliver(read)
+                    last_sid = None
                     line = data[pos : eol + 2]
                     if line.startswith(b"-ERR"):
                         self._note_denied(line)
@@ -130,21 +137,35 @@ class FrameReader(NatsParser):
             if end + 2 > size:
                 self.needed = end + 2 - pos
                 break
-            deliver = direct.get(sid)
-            if deliver is not None:
-                if sid in subs:  # not after the subscription was drained
-                    deliver(subject, data[start + headers : end])
-            else:
-                await self.nc._process_msg(
-                    sid,
-                    subject,
-                    reply,
-                    data[start + headers : end],
-                    data[start : start + headers] if headers else None,
-                )
+            if sid != last_sid:
+                if sid in direct:
+                    last_sid, last = sid, read.setdefault(sid, [])
+                else:
+                    self._deliver(read)
+                    last_sid = None
+                    await self.nc._process_msg(
+                        sid,
+                        subject,
+                        reply,
+                        data[start + headers : end],
+                        data[start : start + headers] if headers else None,
+                    )
+                    pos = end + 2
+                    continue
+            last.append((subject, data[start + headers : end]))
             pos = end + 2
+        self._deliver(read)
         if pos < size:
             self.buf = bytearray(data[pos:])
+
+    def _deliver(self, read: dict[int, list[tuple[bytes, bytes]]]) -> None:
+        """Hand each direct subscription what was read for it (the lists are
+        theirs to keep), and forget it."""
+        subs = self.nc._subs
+        for sid, messages in read.items():
+            if messages and sid in subs:  # not after the subscription was drained
+                self.nc._direct[sid](messages)
+        read.clear()
 
     def _note_denied(self, line: bytes) -> None:
         """Record the subject of a publish permissions error, case intact.
@@ -175,23 +196,22 @@ class DirectClient(NatsClient):
     nats-py builds a ``Msg`` for every message, queues it and wakes a task
     to await a callback for it: several times the cost of everything else
     the NATS consumer does per message. A subscription given to
-    :meth:`subscribe_direct` skips that: its subject and payload (both bytes)
-    go to a plain function from the protocol reader (:class:`FrameReader`).
-    Headers and reply subjects are not passed on.
+    :meth:`subscribe_direct` skips that: its subjects and payloads (bytes)
+    go to a plain function from the protocol reader (:class:`FrameReader`),
+    a list of them for each chunk read. Headers and reply subjects are not
+    passed on.
     """
 
     def __init__(self):
         super().__init__()
-        self._direct: dict[int, Callable[[bytes, bytes], None]] = {}
+        self._direct: dict[int, Deliver] = {}
         # Subjects the server refused to take from us, as FrameReader read
         # them; NatsLink.publish empties it before each batch.
         self.denied_subjects: set[str] = set()
         self._ps = FrameReader(self)
 
-    async def subscribe_direct(
-        self, subject: str, deliver: Callable[[bytes, bytes], None], queue: str = ""
-    ):
-        """Subscribe; each subject and payload go to ``deliver`` as read.
+    async def subscribe_direct(self, subject: str, deliver: "Deliver", queue: str = ""):
+        """Subscribe; ``(subject, payload)`` pairs go to ``deliver`` as read.
 
         ``deliver`` runs inside nats-py's protocol reader: it must be quick
         and must not block. nats-py's own pending limits do not apply (its

@@ -16,7 +16,8 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import repeat
 
 import nats.errors
 import orjson
@@ -38,18 +39,17 @@ PENDING_BYTES = 256 * 1024 * 1024
 
 @dataclass(slots=True, eq=False)
 class Taken:
-    """One batch, from off the inbox until it is logged.
+    """One batch, from off the inbox (parsed at once) until it is logged.
 
-    Its items as received; once parsed, its messages and dead-letter
-    entries; once NATS confirmed them (``published``), the messages NATS
-    took (with their ids) and the dead-letter entries of the rest.
+    Its messages (with their ids) and dead-letter entries; once NATS
+    confirmed them (``published``), the messages NATS took and the
+    dead-letter entries of the rest.
     """
 
-    raws: list[bytes]
+    messages: list[Message]
+    dead: list[bytes]
+    written: Written | None = None  # sent to NATS, not yet confirmed
     published: bool = False
-    messages: list[Message] = field(default_factory=list)
-    dead: list[bytes] = field(default_factory=list)
-    written: Written | None = None  # written to NATS, not yet confirmed
 
 
 class NatsConsumer:
@@ -61,7 +61,7 @@ class NatsConsumer:
         self.drops = logs.RateLimited(logger)
         self.nats = NatsLink(settings, f"fanout-nats-{logs.process_label()}", logger)
         self.redis = redis_client(settings)
-        self.inbox: deque[tuple[None, bytes]] = deque()
+        self.inbox: deque[bytes] = deque()  # payloads as received
         self.taken: deque[Taken] = deque()  # batches not yet logged, in order
         self.held_bytes = 0
         self.arrived = asyncio.Event()
@@ -72,22 +72,28 @@ class NatsConsumer:
         self.undelivered = 0  # written to the log at shutdown
         self.failed = False
 
-    def _on_data(self, subject: bytes, data: bytes) -> None:
-        # Runs in nats-py's protocol reader, once per message: kept short.
-        if len(self.inbox) >= PENDING_MESSAGES or self.held_bytes > PENDING_BYTES:
+    def _on_data(self, messages: list[tuple[bytes, bytes]]) -> None:
+        # Runs in nats-py's protocol reader, once per chunk read: kept short.
+        room = PENDING_MESSAGES - len(self.inbox)
+        if self.held_bytes > PENDING_BYTES:
+            room = 0
+        if room < len(messages):
             # Core NATS would drop them too (the server, for a consumer
             # that stops reading); here it is at least counted and said.
-            self.dropped += 1
+            self.dropped += len(messages) - max(room, 0)
             self.drops.warning(
-                "dropped a message: %d messages (%d bytes) are waiting for the "
+                "dropped messages: %d messages (%d bytes) are waiting for the "
                 "brokers; run more consumers or find what slows them",
                 len(self.inbox),
                 self.held_bytes,
             )
+            messages = messages[: max(room, 0)]
+        if not messages:
             return
-        self.inbox.append((None, data))
-        self.held_bytes += len(data)
-        self.received += 1
+        payloads = [data for _, data in messages]
+        self.inbox.extend(payloads)
+        self.held_bytes += sum(map(len, payloads))
+        self.received += len(payloads)
         self.arrived.set()
 
     async def run(self) -> int:
@@ -136,13 +142,14 @@ class NatsConsumer:
                 continue
             taken = None
             if self.inbox:
-                batch = take_batch(self.inbox, self.settings.batch_size, _raw_size)
-                self.held_bytes -= sum(len(raw) for _, raw in batch)
-                taken = Taken([raw for _, raw in batch])
-                self.taken.append(taken)
-                taken.messages, taken.dead = sort_batch(
-                    self.parser, batch, self.refusals, time.time
+                batch = take_batch(self.inbox, self.settings.batch_size, len)
+                self.held_bytes -= sum(map(len, batch))
+                taken = Taken(
+                    *sort_batch(
+                        self.parser, zip(repeat(None), batch), self.refusals, time.time
+                    )
                 )
+                self.taken.append(taken)
             # PERF: three batches move at once: the one confirmed last is
             # logged while the one written last is confirmed and this one is
             # written (parsed while NATS read the one before).
@@ -214,11 +221,12 @@ class NatsConsumer:
             await asyncio.wait_for(held_delivered(), timeout / 2)
         except TimeoutError:
             unlogged = self.received - self.delivered - self.dead_lettered
+            unconfirmed = sum(len(t.messages) for t in self.taken if not t.published)
             logger.error(
                 "shutdown: %d received messages not delivered and logged in time "
-                "(%d not yet published)",
+                "(%d not confirmed by nats)",
                 unlogged,
-                len(self.inbox),
+                len(self.inbox) + unconfirmed,
             )
         worker_task.cancel()
         self._write_undelivered()
@@ -237,24 +245,27 @@ class NatsConsumer:
         """The last resort for what the brokers did not take in time.
 
         Each message still held goes to this process's log, so that an
-        operator can replay it and nothing received is dropped silently: a
-        message NATS already has, with the id it was published with and the
-        payload as published (replayed as the envelope ``{"id": ...,
-        "message": ...}``, its copy keeps that id); one not yet published as
-        a dead-letter entry with its exact bytes; a refused one as the dead
+        operator can replay it and nothing received is dropped silently. A
+        message already parsed is written with the id it was given and its
+        payload (replayed as the envelope ``{"id": ..., "message": ...}``,
+        its copy keeps that id, so a copy NATS already had can be told
+        apart), and with what became of it: confirmed by NATS, sent and not
+        confirmed, or not sent. One not yet parsed is written as a
+        dead-letter entry with its exact bytes; a refused one as the dead
         letter it was to become.
         """
-        now = time.time()
         entries: list[bytes] = []
-        unpublished = [raw for _, raw in self.inbox]
         for taken in self.taken:
-            if not taken.published:
-                unpublished += taken.raws
-                continue
-            entries += [_published_entry(m) for m in taken.messages]
+            if taken.published:
+                reason = PUBLISHED
+            elif taken.written is not None:
+                reason = SENT
+            else:
+                reason = NOT_SENT
+            entries += [_held_entry(m, reason) for m in taken.messages]
             entries += taken.dead
-        reason = "not published: the brokers did not take it before shutdown"
-        entries += [dead_entry(raw, reason, "nats", now) for raw in unpublished]
+        now = time.time()
+        entries += [dead_entry(raw, NOT_SENT, "nats", now) for raw in self.inbox]
         for entry in entries:
             logger.error("undelivered at shutdown: %s", entry.decode())
         self.undelivered += len(entries)
@@ -268,22 +279,22 @@ class NatsConsumer:
             )
 
 
-def _published_entry(message: Message) -> bytes:
-    """A message NATS has and the audit log may not: its id and payload."""
+PUBLISHED = "published to nats with this id; its audit entry was not confirmed written"
+SENT = "sent to nats with this id and not confirmed: nats may have it; not audited"
+NOT_SENT = "not published: the brokers did not take it before shutdown"
+
+
+def _held_entry(message: Message, reason: str) -> bytes:
+    """A parsed message the audit log may not have: its id and payload."""
     return orjson.dumps(
         {
             "received_at": utc_iso(message.received_at),
             "ingress": "nats",
-            "reason": "published to nats with this id; its audit entry was not "
-            "confirmed written",
+            "reason": reason,
             "id": message.id,
             "message": message.payload.decode(),
         }
     )
-
-
-def _raw_size(item: tuple[None, bytes]) -> int:
-    return len(item[1])
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ async def exchange(url: str, sent: list[bytes]) -> tuple[list, list, int]:
     plain: list = []
     reader = DirectClient()
     await reader.connect(url)
-    await reader.subscribe_direct("frames.direct.>", lambda s, d: direct.append((s, d)))
+    await reader.subscribe_direct("frames.direct.>", direct.extend)
 
     async def on_plain(msg):
         plain.append(msg)
