@@ -206,12 +206,40 @@ class RedisConsumer:
             asyncio.create_task(self._take_over_dead(), name="takeover"),
         ]
         try:
-            await self._consume()
+            await self._consume_until_stopped()
         finally:
             for task in background:
                 task.cancel()
             await self._shutdown()
         return 0
+
+    async def _consume_until_stopped(self) -> None:
+        """Consume; once stopping, for half the shutdown timeout at most.
+
+        A step still waiting then (on a frozen broker, say) is cancelled:
+        its batches are on the processing list, which the shutdown gives
+        back, and the other half is left for that.
+        """
+        consume = asyncio.create_task(self._consume(), name="consume")
+        stop = asyncio.create_task(self.stopping.wait(), name="stop")
+        try:
+            await asyncio.wait({consume, stop}, return_when=asyncio.FIRST_COMPLETED)
+            grace = self.settings.shutdown_timeout / 2
+            if not consume.done():
+                self._stop_deadline = asyncio.get_running_loop().time() + grace
+                await asyncio.wait({consume}, timeout=grace)
+            if consume.done():
+                consume.result()  # a bug in it is raised here
+                return
+            logger.warning(
+                "stopping: the brokers did not finish the batches in hand "
+                "within %.1f s; giving them back",
+                grace,
+            )
+        finally:
+            for task in (consume, stop):
+                task.cancel()
+            await asyncio.gather(consume, stop, return_exceptions=True)
 
     async def _consume(self) -> None:
         commit = None  # confirmed by NATS, until Redis took its commit
@@ -406,13 +434,16 @@ class RedisConsumer:
     async def _shutdown(self) -> None:
         logger.info("redis consumer stopping")
         try:
-            returned = await self.give_back_script(
-                keys=[self.processing, self.batch_list, self.settings.ingress_list]
-            )
-            if returned:
-                logger.warning("gave %d unfinished items back to the list", returned)
-            await self.redis.delete(self.heartbeat)
-        except (aioredis.RedisError, OSError) as exc:
+            async with asyncio.timeout(self.settings.shutdown_timeout / 4):
+                returned = await self.give_back_script(
+                    keys=[self.processing, self.batch_list, self.settings.ingress_list]
+                )
+                if returned:
+                    logger.warning(
+                        "gave %d unfinished items back to the list", returned
+                    )
+                await self.redis.delete(self.heartbeat)
+        except (aioredis.RedisError, OSError, TimeoutError) as exc:
             logger.error(
                 "could not give unfinished items back (%r); they stay on %s "
                 "and are delivered when a consumer takes that list over",

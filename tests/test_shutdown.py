@@ -152,6 +152,38 @@ def test_redis_consumer_gives_back_what_it_could_not_finish(launch, brokers, rdb
     assert "gave 50 unfinished items back to the list" in consumer.output()
 
 
+def test_redis_consumer_stops_in_time_while_nats_is_frozen(launch, brokers, rdb):
+    """A publish timeout longer than the shutdown timeout does not hold a stop.
+
+    TERM with batches waiting on a frozen NATS: exit 0 within
+    FANOUT_SHUTDOWN_TIMEOUT (3 s, with 1.5 s for starting and stopping the
+    interpreter), every item back on the list in order.
+    """
+    consumer = launch.start(
+        "fanout-redis",
+        FANOUT_CONSUMER_NAME="t",
+        FANOUT_PUBLISH_TIMEOUT="15",
+        FANOUT_SHUTDOWN_TIMEOUT="3",
+        FANOUT_BATCH_SIZE="500",
+    )
+    brokers.nats.proc.send_signal(signal.SIGSTOP)
+    try:
+        batch = [orjson.dumps({"topic": "internal.t", "n": n}) for n in range(3000)]
+        rdb.rpush("MESSAGES", *batch)
+        assert wait_until(lambda: rdb.llen("MESSAGES:processing:t") >= 500)
+        started = time.monotonic()
+        consumer.signal(signal.SIGTERM)
+        status = consumer.proc.wait(30)
+        took = time.monotonic() - started
+    finally:
+        brokers.nats.proc.send_signal(signal.SIGCONT)
+
+    assert status == 0
+    assert took < 4.5, f"stopped after {took:.1f} s"
+    assert rdb.lrange("MESSAGES", 0, -1) == batch
+    assert not rdb.exists("MESSAGES:processing:t", "MESSAGES:batches:t")
+
+
 def test_nats_consumer_delivers_what_it_received_before_exit(
     launch, brokers, subscriber
 ):
