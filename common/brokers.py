@@ -46,6 +46,8 @@ def backoff_delays(start: float = BACKOFF_START, most: float = BACKOFF_MAX):
 
 KNOWN_FRAMES = 4096  # control lines FrameReader keeps split
 
+PING = b"PING\r\n"
+
 # What a direct subscription is handed: (subject, payload) pairs, in order.
 Deliver = Callable[[list[tuple[bytes, bytes]]], None]
 
@@ -373,14 +375,7 @@ class NatsLink:
             return written
         nc.denied_subjects.clear()
         try:
-            # nats-py's flush() writes its PING straight to the socket while
-            # publish() leaves messages in a buffer for a flusher task to
-            # write later: the PONG could then come back before the server
-            # read them. The batch is written to the same socket first, in
-            # one write, so the PING follows it. (This also spares nats-py's
-            # per-message publish, the largest cost of a consumer.)
-            nc._transport.write(hpub_frames(messages))
-            written.pong = await self._ping()
+            written.pong = await self._write_with_ping(messages)
         except (nats.errors.Error, OSError) as exc:
             written.error = BrokerUnavailable(
                 f"nats did not confirm the message ({exc.__class__.__name__})"
@@ -427,8 +422,8 @@ class NatsLink:
             return set()
         return {m.topic for m in written.messages if m.topic in denied}
 
-    async def _ping(self) -> asyncio.Future:
-        """Send a PING; the future its PONG resolves.
+    async def _write_with_ping(self, messages: Sequence[Message]) -> asyncio.Future:
+        """Write ``messages`` and a PING; the future its PONG resolves.
 
         Not nats-py's flush(): on a timeout it cancels the future its PONG
         would resolve, and when that PONG comes late nats-py's reader dies
@@ -445,7 +440,15 @@ class NatsLink:
             await nc.force_reconnect()
             raise BrokerUnavailable("nats connection broke; reconnecting")
         pong = asyncio.get_running_loop().create_future()
-        await nc._send_ping(pong)
+        # nats-py's flush() writes its PING straight to the socket while
+        # publish() leaves messages in a buffer for a flusher task to write
+        # later: the PONG could then come back before the server read them.
+        # The batch and the PING go in one write, the PING last. (This also
+        # spares nats-py's per-message publish, the largest cost of a
+        # consumer, and its flusher task's wake-up per batch.) nats-py's
+        # reader resolves the futures on _pongs in order, one a PONG.
+        nc._pongs.append(pong)
+        nc._transport.write(hpub_frames(messages, PING))
         return pong
 
     async def close(self) -> None:
@@ -491,8 +494,9 @@ def log_denied(logger: logging.Logger, topic: str) -> None:
     )
 
 
-def hpub_frames(messages: Sequence[Message]) -> bytes:
-    """The NATS protocol frames publishing ``messages``, each with its id.
+def hpub_frames(messages: Sequence[Message], end: bytes = b"") -> bytes:
+    """The NATS protocol frames publishing ``messages``, each with its id,
+    and ``end`` after them.
 
     ``HPUB <subject> <header bytes> <total bytes>``, the header block with
     ``Nats-Msg-Id`` (JetStream's de-duplication key), then the payload.
@@ -512,6 +516,7 @@ def hpub_frames(messages: Sequence[Message]) -> bytes:
                 message.payload,
             )
         )
+    frames.append(end)
     return b"".join(frames)
 
 
