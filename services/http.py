@@ -17,7 +17,7 @@ import falcon
 import falcon.asgi
 import orjson
 
-from common import logs
+from common import logs, runtime
 from common import settings as settings_module
 from common.brokers import NatsLink, redis_client, wait_for_redis
 from common.committer import Committer
@@ -240,6 +240,7 @@ class Gateway:
         self._connect_tasks: list[asyncio.Task] = []
 
     async def process_startup(self, scope, event) -> None:
+        runtime.tune_gc()
         settings = self.settings
         self.nats = NatsLink(settings, f"fanout-http-{logs.process_label()}", logger)
         self.redis = redis_client(settings)
