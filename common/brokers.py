@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import hiredis
 import nats
 import nats.errors
 import redis.asyncio as aioredis
@@ -595,7 +596,15 @@ class _HiredisPacking:
     _serializer = HiredisRespSerializer()
 
     def pack_command(self, *args):
-        return self._serializer.pack(*args)
+        # PERF: redis-py's serializer first copies every argument through a
+        # generator (for bytearray and memoryview, which the gateway never
+        # sends); a plain command goes to hiredis as it is.
+        if not isinstance(args[0], str) or " " in args[0]:
+            return self._serializer.pack(*args)
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:
+            return self._serializer.pack(*args)  # raises redis-py's DataError
 
 
 def _hiredis_packing(base: type) -> type:
