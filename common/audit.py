@@ -10,26 +10,25 @@ from common.message import Message
 # messages come many to a second, so the seconds part is formatted once,
 # and a batch's messages share one time, formatted once.
 _second = -1
-_second_text = ""
+_second_text = b""
 _last = -1.0
 _last_text = b""
 
 
 def utc_iso(timestamp: float) -> str:
     """``2026-12-03T21:53:23.123456Z`` for a time in seconds since the epoch."""
-    global _second, _second_text
-    second = int(timestamp)
-    if second != _second:
-        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _second = second
-    micros = int((timestamp - second) * 1_000_000)
-    return f"{_second_text}.{micros:06d}Z"
+    return _utc_iso_bytes(timestamp).decode()
 
 
 def _utc_iso_bytes(timestamp: float) -> bytes:
-    global _last, _last_text
+    global _second, _second_text, _last, _last_text
     if timestamp != _last:
-        _last_text = utc_iso(timestamp).encode()
+        second = int(timestamp)
+        if second != _second:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            _second, _second_text = second, text.encode()
+        # %d of a float truncates: whole microseconds.
+        _last_text = b"%s.%06dZ" % (_second_text, (timestamp - second) * 1_000_000)
         _last = timestamp
     return _last_text
 
