@@ -39,6 +39,7 @@ _Item = tuple[Message, asyncio.Future | None, float]  # message, waiter, deadlin
 # one NATS write and one audit RPUSH stay a bounded size.
 BATCH_BYTES = 8 * 1024 * 1024
 EXPIRY_CHECK = 0.2  # seconds between checks of the queue while a commit hangs
+RECHECK = 0.05  # seconds between looks at a NATS connection said to be dropping
 
 
 def take_batch(queue: deque, most: int, size_of) -> list:
@@ -262,11 +263,17 @@ class Committer:
         # Wait for NATS rather than publish into nats-py's reconnect buffer:
         # a message buffered there could be refused to the client and still
         # be delivered later.
-        if not self.nats.connected.is_set():
+        while not (self.nats.connected.is_set() and self.nats.nc.is_connected):
+            left = deadline - self.clock()
+            if left <= 0:
+                raise BrokerUnavailable("nats is unreachable")
+            if self.nats.connected.is_set():
+                # nats-py has seen the connection drop and not yet called
+                # back: a moment's wait, not a refusal.
+                await asyncio.sleep(min(RECHECK, left))
+                continue
             try:
-                await asyncio.wait_for(
-                    self.nats.connected.wait(), max(0.0, deadline - self.clock())
-                )
+                await asyncio.wait_for(self.nats.connected.wait(), left)
             except TimeoutError:
                 raise BrokerUnavailable("nats is unreachable") from None
 

@@ -663,7 +663,19 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
 
     _check_keys(values)
     _check_credentials(values)
+    _check_limits(values)
     return Settings(values, frozenset(embedded))
+
+
+def _check_limits(values: Mapping[str, Any]) -> None:
+    # A bulk request is taken whole or refused whole as retryable: one larger
+    # than the pending limit would be refused for ever.
+    if values["max_bulk_messages"] > values["max_pending"]:
+        raise ConfigError(
+            f"FANOUT_MAX_BULK_MESSAGES={values['max_bulk_messages']} is above "
+            f"FANOUT_MAX_PENDING={values['max_pending']}: a bulk request that "
+            "large could never be taken; lower the first or raise the second"
+        )
 
 
 def _check_keys(values: Mapping[str, Any]) -> None:

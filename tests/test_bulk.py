@@ -270,33 +270,14 @@ def test_broker_trouble_is_retryable_per_message(launch, brokers):
     assert "retryable" not in bad
 
 
-def test_no_room_for_the_whole_request_queues_none(launch, subscriber):
-    """Past FANOUT_MAX_PENDING no message of the request is queued; all retryable."""
-    gateway = launch.start("fanout-http", FANOUT_MAX_PENDING="5")
-    url = f"http://127.0.0.1:{gateway.port}/MESSAGES"
-    response = post(url, b"\n".join([ONE] * 6), NDJSON)
-
-    assert response.status_code == 200
-    assert (
-        response.json()["results"]
-        == [
-            {
-                "status": "error",
-                "error": "0 messages are waiting for the brokers; 6 more would exceed "
-                "FANOUT_MAX_PENDING (5); send them again later",
-                "retryable": True,
-            }
-        ]
-        * 6
-    )
-    assert post(url, b"\n".join([ONE] * 5), NDJSON).status_code == 200
-    assert len(subscriber.wait_for(5)) == 5
-
-
-def test_batch_in_flight_counts_against_max_pending(launch, brokers, subscriber):
-    """Messages being committed still wait: FANOUT_MAX_PENDING counts them."""
+def test_no_room_for_the_whole_request_queues_none(launch, brokers, subscriber):
+    """Past FANOUT_MAX_PENDING (the batch in flight counted) no message of the
+    request is queued, and each is refused as retryable."""
     gateway = launch.start(
-        "fanout-http", FANOUT_MAX_PENDING="8", FANOUT_PUBLISH_TIMEOUT="2"
+        "fanout-http",
+        FANOUT_MAX_PENDING="8",
+        FANOUT_MAX_BULK_MESSAGES="5",
+        FANOUT_PUBLISH_TIMEOUT="2",
     )
     url = f"http://127.0.0.1:{gateway.port}/MESSAGES"
     brokers.nats.proc.send_signal(signal.SIGSTOP)
@@ -310,10 +291,22 @@ def test_batch_in_flight_counts_against_max_pending(launch, brokers, subscriber)
     finally:
         brokers.nats.proc.send_signal(signal.SIGCONT)
 
-    assert [r["error"] for r in second.json()["results"]] == [
-        "5 messages are waiting for the brokers; 5 more would exceed "
-        "FANOUT_MAX_PENDING (8); send them again later"
-    ] * 5
+    assert (
+        second.json()["results"]
+        == [
+            {
+                "status": "error",
+                "error": "5 messages are waiting for the brokers; 5 more would exceed "
+                "FANOUT_MAX_PENDING (8); send them again later",
+                "retryable": True,
+            }
+        ]
+        * 5
+    )
+    assert [r["status"] for r in held.result().json()["results"]] == ["accepted"] * 5
+    assert len(subscriber.wait_for(5)) == 5
+    time.sleep(0.5)
+    assert len(subscriber.received()) == 5  # none of the refused request's
 
 
 def test_hundred_messages_per_request_all_delivered(http, subscriber, rdb):

@@ -63,6 +63,12 @@ def test_cluster_url_list_is_split():
             "bytes",
         ),
         (
+            {"FANOUT_MAX_PENDING": "600"},
+            "FANOUT_MAX_BULK_MESSAGES=1000 is above FANOUT_MAX_PENDING=600: a bulk "
+            "request that large could never be taken; lower the first or raise the "
+            "second",
+        ),
+        (
             {"FANOUT_DEAD_LIST": "MESSAGES:log"},
             "FANOUT_DEAD_LIST='MESSAGES:log': same Redis key as FANOUT_LOG_LIST; the "
             "ingress list, the audit log and the dead-letter list must be different "
