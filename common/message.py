@@ -227,6 +227,14 @@ class Parser:
                 f"message is {size} bytes; the limit is {self.max_bytes} bytes"
             )
 
+    def check_body_size(self, size: int) -> None:
+        """An HTTP body of one message is held to the message limit whole."""
+        if size > self.max_bytes:
+            raise MessageTooLarge(
+                f"request body is {size} bytes; the limit for one message, its "
+                f"envelope included, is {self.max_bytes} bytes"
+            )
+
     def envelope(
         self, body: bytes, token_patterns: tuple[Pattern, ...] = ()
     ) -> Message:
@@ -234,7 +242,7 @@ class Parser:
 
         ``token_patterns`` are the topic patterns of the client's token.
         """
-        self.check_size(len(body))
+        self.check_body_size(len(body))
         if not body.strip():
             raise RejectedError("request body is empty; send a JSON object")
         document = _loads(body, "request body")

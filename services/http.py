@@ -204,7 +204,7 @@ class MessagesResource:
             bulk = _starts_array(head)
 
         limit = self.settings.max_bulk_bytes if bulk else self.parser.max_bytes
-        check = self._check_bulk_size if bulk else self.parser.check_size
+        check = self._check_bulk_size if bulk else self.parser.check_body_size
         if req.content_length is not None:
             check(req.content_length)
 

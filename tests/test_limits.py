@@ -47,7 +47,8 @@ def test_http_413_with_length_and_chunked(launch, subscriber):
         assert response.status_code == 413
     assert (
         sized.json()["error"]
-        == f"message is {len(body)} bytes; the limit is 1048576 bytes"
+        == f"request body is {len(body)} bytes; the limit for one message, its "
+        "envelope included, is 1048576 bytes"
     )
     assert chunked.json()["error"] == (
         "request body is more than 1048576 bytes, the limit; it was not read further"
