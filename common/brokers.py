@@ -209,7 +209,7 @@ class DirectClient(NatsClient):
         super().__init__()
         self._direct: dict[int, Deliver] = {}
         # Subjects the server refused to take from us, as FrameReader read
-        # them; NatsLink.publish empties it before each batch.
+        # them; NatsLink.send empties it before each batch.
         self.denied_subjects: set[str] = set()
         self._ps = FrameReader(self)
 
@@ -223,6 +223,12 @@ class DirectClient(NatsClient):
         subscription = await self.subscribe(subject, queue=queue)
         self._direct[subscription._id] = deliver
         return subscription
+
+
+def _unconfirmed(exc: BaseException) -> BrokerUnavailable:
+    return BrokerUnavailable(
+        f"nats did not confirm the message ({exc.__class__.__name__})"
+    )
 
 
 @dataclass(slots=True)
@@ -378,9 +384,7 @@ class NatsLink:
         try:
             written.pong = await self._write_with_ping(messages)
         except (nats.errors.Error, OSError) as exc:
-            written.error = BrokerUnavailable(
-                f"nats did not confirm the message ({exc.__class__.__name__})"
-            )
+            written.error = _unconfirmed(exc)
         except BrokerUnavailable as exc:
             written.error = exc
         return written
@@ -407,9 +411,7 @@ class NatsLink:
                 "nats did not confirm the message in time"
             ) from None
         except (nats.errors.Error, OSError) as exc:
-            raise BrokerUnavailable(
-                f"nats did not confirm the message ({exc.__class__.__name__})"
-            ) from exc
+            raise _unconfirmed(exc) from exc
         # nats-py's flush() returns without a PONG when its read loop has
         # just died with the connection; only a PONG on the same, still
         # live connection confirms anything.

@@ -163,10 +163,7 @@ class RedisConsumer:
         self.settings = settings
         self.stopping = stopping
         self.name = consumer_name(settings)
-        prefix = settings.ingress_list
-        self.processing = f"{prefix}:processing:{self.name}"
-        self.batch_list = f"{prefix}:batches:{self.name}"
-        self.heartbeat = f"{prefix}:consumer:{self.name}"
+        self.processing, self.batch_list, self.heartbeat = self._keys(self.name)
         self.batch_size = min(settings.batch_size, MAX_BATCH)
         # How many items a take asks for: as many as fit BATCH_BYTES at the
         # size of the items seen last, so that large items come in small
@@ -383,13 +380,19 @@ class RedisConsumer:
     def _fitting(self, item_bytes: float) -> int:
         return max(1, min(self.batch_size, int(BATCH_BYTES // max(item_bytes, 1))))
 
+    def _keys(self, name: str) -> tuple[str, str, str]:
+        """Consumer ``name``'s processing list, batch list and heartbeat key."""
+        prefix = self.settings.ingress_list
+        return (
+            f"{prefix}:processing:{name}",
+            f"{prefix}:batches:{name}",
+            f"{prefix}:consumer:{name}",
+        )
+
     def _past_stop_deadline(self) -> bool:
-        if not self.stopping.is_set():
-            return False
-        loop = asyncio.get_running_loop()
-        if self._stop_deadline is None:
-            self._stop_deadline = loop.time() + self.settings.shutdown_timeout / 2
-        return loop.time() >= self._stop_deadline
+        # Set by _consume_until_stopped once the stop began.
+        deadline = self._stop_deadline
+        return deadline is not None and asyncio.get_running_loop().time() >= deadline
 
     async def _beat(self) -> None:
         while True:
@@ -418,10 +421,8 @@ class RedisConsumer:
             if key == self.processing:
                 continue
             name = key[len(prefix) :]
-            heartbeat = f"{self.settings.ingress_list}:consumer:{name}"
-            keys = [key, f"{self.settings.ingress_list}:batches:{name}", heartbeat]
             moved = await self.takeover_script(
-                keys=[*keys, self.processing, self.batch_list]
+                keys=[*self._keys(name), self.processing, self.batch_list]
             )
             if moved > 0:
                 logger.warning(
