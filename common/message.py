@@ -236,11 +236,15 @@ class Parser:
             )
 
     def envelope(
-        self, body: bytes, token_patterns: tuple[Pattern, ...] = ()
+        self,
+        body: bytes,
+        token_patterns: tuple[Pattern, ...] = (),
+        received_at: float | None = None,
     ) -> Message:
         """An HTTP body: ``{"message": <JSON text or object>, "id": ...}``.
 
-        ``token_patterns`` are the topic patterns of the client's token.
+        ``token_patterns`` are the topic patterns of the client's token;
+        ``received_at`` is the parser's clock when not given.
         """
         self.check_body_size(len(body))
         if not body.strip():
@@ -251,7 +255,9 @@ class Parser:
                 'request body must be a JSON object with a "message" field '
                 f"or an array of them, not {describe(document)}"
             )
-        return self._from_envelope(document, None, token_patterns)
+        return self._from_envelope(
+            document, None, token_patterns, received_at=received_at
+        )
 
     def item(
         self,

@@ -92,8 +92,11 @@ class MessagesResource:
         body, bulk = await self._read_body(req, media_type)
         resp.content_type = JSON
         if not bulk:
-            message = self.parser.envelope(body, patterns)
-            await self.gateway.committer.accept(message)
+            # Parsed by the committer with the other bodies of its batch; a
+            # refusal is raised here all the same.
+            message = await self.gateway.committer.accept_body(
+                self.parser.envelope, body, patterns
+            )
             resp.status = falcon.HTTP_202
             resp.data = orjson.dumps(_result(message))
             return

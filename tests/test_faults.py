@@ -273,6 +273,7 @@ def test_cluster_node_loss_fails_over(launch, tmp_path, brokers, rdb, spare_serv
 def test_frozen_redis_is_logged_once_and_its_end_too(launch, brokers, subscriber):
     """A stalled Redis raises nothing while messages wait behind it.
 
+    A bad body sent meanwhile is refused at once, with its reason.
     The requests queued behind the stalled audit write are refused as
     retryable once their own publish timeout passes, not when the stall
     ends; the gateway says so once, during the stall, and once again when a
@@ -294,12 +295,20 @@ def test_frozen_redis_is_logged_once_and_its_end_too(launch, brokers, subscriber
             for n in range(6):
                 posts.append(pool.submit(post, n))
                 time.sleep(0.2)
+            # A bad body is refused for what it is, and is not held behind
+            # the stall (the committer parses single bodies in batches).
+            started = time.monotonic()
+            bad = requests.post(url, json={"message": {"topic": 42}}, timeout=30)
+            bad_seconds = time.monotonic() - started
             time.sleep(3)
             during = http.output()
             brokers.redis.proc.send_signal(signal.SIGCONT)
             answers = [p.result() for p in posts]
     finally:
         brokers.redis.proc.send_signal(signal.SIGCONT)
+    assert bad.status_code == 400
+    assert bad.json()["error"] == '"topic" must be a string, not a number'
+    assert bad_seconds < 1, bad_seconds  # its publish timeout
     refused = [seconds for status, seconds in answers if status == 503]
     assert refused, answers
     # The stall lasted about 4 s; a queued request waits its own 1 s.

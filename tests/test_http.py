@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 import pytest
@@ -114,6 +115,42 @@ def test_bad_body_is_refused_with_its_reason(http, subscriber, rdb, body, error)
     messages = subscriber.wait_for(1)
     assert [m.subject for m in messages] == ["internal.next"]
     assert len(audit_log(rdb)) == 1
+
+
+def test_concurrent_good_and_bad_bodies_each_get_their_own_answer(
+    http, subscriber, rdb
+):
+    """Bodies parsed together in one batch: every good one is accepted with
+    its id, published and logged; every bad one gets 400 and its reason."""
+    bodies = []
+    for n in range(60):
+        if n % 3 == 2:
+            bodies.append((n, '{"message": "{\\"topic\\": 42}"}'))
+        else:
+            message = json.dumps({"topic": f"internal.mix.{n}", "n": n})
+            bodies.append((n, json.dumps({"message": message, "id": f"mix-{n}"})))
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        responses = list(pool.map(lambda item: post(http, item[1]), bodies))
+
+    for (n, _), response in zip(bodies, responses, strict=True):
+        if n % 3 == 2:
+            assert response.status_code == 400
+            assert response.json() == {
+                "status": "error",
+                "error": '"topic" must be a string, not a number',
+            }
+        else:
+            assert response.status_code == 202
+            assert response.json() == {
+                "status": "accepted",
+                "id": f"mix-{n}",
+                "topic": f"internal.mix.{n}",
+            }
+    good = {f"mix-{n}" for n, _ in bodies if n % 3 != 2}
+    received = subscriber.wait_for(len(good), "internal.mix.")
+    assert {m.headers["Nats-Msg-Id"] for m in received} == good
+    assert {orjson.loads(e)["id"] for e in audit_log(rdb)} == good
 
 
 def test_wrong_content_type_is_415(http):
