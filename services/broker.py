@@ -65,10 +65,16 @@ def redis_command(port: int, data_dir: Path) -> list[str]:
     ]
 
 
+BROKER_USAGE = "usage: fanout-broker nats|redis"
+
+
 def main() -> None:
     which = sys.argv[1] if len(sys.argv) > 1 else ""
-    if which not in ("nats", "redis"):
-        raise SystemExit("usage: fanout-broker nats|redis")
+    if which in ("-h", "--help"):
+        print(BROKER_USAGE)
+        return
+    if which not in ("nats", "redis") or len(sys.argv) > 2:
+        raise SystemExit(BROKER_USAGE)
     settings = settings_module.load_or_exit()
     if which not in settings.embedded:
         print(f"fanout-broker: an external {which} is configured; not starting one")

@@ -17,7 +17,7 @@ import falcon
 import falcon.asgi
 import orjson
 
-from common import logs, runtime
+from common import cli, logs, runtime
 from common import settings as settings_module
 from common.brokers import NatsLink, redis_client, wait_for_redis
 from common.committer import Committer
@@ -358,6 +358,10 @@ def app_factory() -> falcon.asgi.App:
 def main() -> None:
     """``fanout-http``: gunicorn with uvicorn workers, configured from settings."""
     from services.gunicorn_app import run_gunicorn
+
+    cli.parse_command_line(
+        "fanout-http", "The HTTP ingress: POST /MESSAGES, under gunicorn."
+    )
 
     run_gunicorn()
 

@@ -22,7 +22,7 @@ from itertools import repeat
 import nats.errors
 import orjson
 
-from common import logs, runtime
+from common import cli, logs, runtime
 from common.audit import audit_entry, dead_entry, utc_iso
 from common.brokers import NatsLink, Written, redis_client, wait_for_redis
 from common.committer import take_batch
@@ -299,6 +299,9 @@ def _held_entry(message: Message, reason: str) -> bytes:
 
 def main() -> None:
     """``fanout-nats``."""
+    cli.parse_command_line(
+        "fanout-nats", "The NATS ingress: takes messages from a NATS subject."
+    )
     runtime.process_main(
         lambda settings, stopping: NatsConsumer(settings, stopping).run()
     )

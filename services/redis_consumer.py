@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from common import logs, runtime
+from common import cli, logs, runtime
 from common.audit import audit_entry
 from common.brokers import NatsLink, Written, redis_client, wait_for_redis
 from common.committer import BATCH_BYTES
@@ -476,6 +476,9 @@ async def _first(*aws) -> None:
 
 def main() -> None:
     """``fanout-redis``."""
+    cli.parse_command_line(
+        "fanout-redis", "The Redis ingress: takes messages off a Redis list."
+    )
     runtime.process_main(
         lambda settings, stopping: RedisConsumer(settings, stopping).run()
     )

@@ -46,6 +46,9 @@ def supervisor_environment(environ: dict[str, str]) -> dict[str, str]:
 
 def main() -> None:
     args = sys.argv[1:]
+    if args[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return
     if not args or args[0] not in ("run", "start", "ctl"):
         raise SystemExit(USAGE)
     env = supervisor_environment(dict(os.environ))

@@ -17,7 +17,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request
 
-from common import logs, runtime
+from common import cli, logs, runtime
 from common.brokers import NatsLink, redis_client, wait_for_redis
 from common.committer import Committer
 from common.errors import (
@@ -354,6 +354,7 @@ class WsIngress:
 
 def main() -> None:
     """``fanout-ws``."""
+    cli.parse_command_line("fanout-ws", "The WebSocket ingress: /MESSAGES.")
     runtime.process_main(
         lambda settings, stopping: WsIngress(settings, stopping).serve()
     )
