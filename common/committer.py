@@ -6,10 +6,10 @@ per message would cap a process at a few thousand messages a second, so the
 messages that arrive while one batch is being committed wait together and
 are committed as the next batch: one flush and one RPUSH per batch.
 
-A single HTTP request hands over its body unparsed (:meth:`Committer.accept_body`):
-the bodies that arrive between two batches are parsed here, one after
-another, just before the batch is taken, and a body that is refused gets its
-reason back through its waiter.
+A single HTTP request and a WebSocket frame hand over their bytes unparsed
+(:meth:`Committer.submit_body`): the bodies that arrive between two batches
+are parsed here, one after another, just before the batch is taken, and a
+body that is refused gets its reason back through its waiter.
 
 Limits, stated bluntly: at most ``max_pending`` unconfirmed messages are
 held per process (then :class:`Overloaded`); a message waits at most
@@ -164,21 +164,28 @@ class Committer:
         if waiter is not None:
             await waiter
 
-    async def accept_body(
+    def submit_body(
         self, parse: Parse, body: bytes, token_patterns: tuple[Pattern, ...]
-    ) -> Message:
-        """Queue ``body`` to be parsed by ``parse`` with the next batch; the
-        message once it is confirmed (or on receipt, with confirmation off).
+    ) -> asyncio.Future:
+        """Queue ``body`` to be parsed by ``parse`` with the next batch.
 
-        Raises what ``parse`` raised for a body it refuses, or why the
-        brokers did not confirm the message.
+        The returned waiter resolves to the message once it is confirmed (on
+        receipt, with confirmation off), or raises what ``parse`` raised for
+        a body it refuses, or why the brokers did not confirm the message.
+        Bodies keep their order among themselves.
         """
         self._check_room()
         waiter = self._loop.create_future()
         deadline = self.clock() + self.settings.publish_timeout
         self._unparsed.append((parse, body, token_patterns, waiter, deadline))
         self._wakeup.set()
-        return await waiter
+        return waiter
+
+    async def accept_body(
+        self, parse: Parse, body: bytes, token_patterns: tuple[Pattern, ...]
+    ) -> Message:
+        """:meth:`submit_body`, and wait for its outcome."""
+        return await self.submit_body(parse, body, token_patterns)
 
     def _check_room(self) -> None:
         if self._closing:

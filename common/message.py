@@ -364,6 +364,16 @@ class Parser:
             )
         return self._accept(document, data, default_id, token_patterns, received_at)
 
+    def frame(
+        self,
+        data: bytes,
+        token_patterns: tuple[Pattern, ...] = (),
+        received_at: float | None = None,
+    ) -> Message:
+        """A WebSocket frame: :meth:`bare`, with an id of Fanout's unless the
+        frame is an envelope that names one."""
+        return self.bare(data, None, token_patterns, received_at)
+
     def _from_envelope(
         self,
         document: dict,

@@ -27,7 +27,7 @@ from common.errors import (
     RetryableError,
     error_body,
 )
-from common.message import Message, Parser
+from common.message import Parser
 from common.policy import Pattern
 from common.settings import Settings
 from common.tokens import Tokens, bearer
@@ -127,13 +127,16 @@ class Session:
 
     async def _read_frames(self, loop: asyncio.AbstractEventLoop) -> None:
         parser = self.ingress.parser
-        submit = self.ingress.committer.submit
+        parse = parser.frame
+        submit = self.ingress.committer.submit_body
+        patterns = self.patterns
         put = self.answers.put
         stopping = self.ingress.stopping
         recv = self.ws.recv
         try:
             while True:
-                # Bytes, undecoded: orjson checks the UTF-8 itself.
+                # Bytes, undecoded: only a frame that is not ASCII is
+                # checked for UTF-8 here (orjson checks it again).
                 self._receiving = True
                 try:
                     data = await recv(decode=False)
@@ -150,15 +153,18 @@ class Session:
                     self._log_refusal(exc)
                     await put(_Close(1009, str(exc)))
                     return
+                # Checked here, not when the frame is parsed with its batch:
+                # the frames behind a bad one are not taken.
+                if not data.isascii() and _not_utf8(data):
+                    self._log_refusal(RejectedError("message is not valid UTF-8"))
+                    await put(_Close(1007, "message is not valid UTF-8"))
+                    return
                 try:
-                    message = parser.bare(data, None, self.patterns)
-                    await put((message, submit(message)))
-                except FanoutError as exc:
-                    self._log_refusal(exc)
-                    if _not_utf8(data):
-                        await put(_Close(1007, "message is not valid UTF-8"))
-                        return
+                    waiter = submit(parse, data, patterns)
+                except FanoutError as exc:  # overloaded, or shutting down
                     await put(_error_frame(exc))
+                    continue
+                await put(waiter)
         except ConnectionClosed:
             pass
 
@@ -179,19 +185,22 @@ class Session:
             if isinstance(item, bytes):
                 answer = item
             else:
-                answer = await self._confirm(*item)
+                answer = await self._confirm(item)
             try:
                 await send(answer, text=True)
             except ConnectionClosed:
                 pass  # the client left; its messages were still committed
 
-    @staticmethod
-    async def _confirm(message: Message, waiter: asyncio.Future | None) -> bytes:
-        if waiter is not None:
-            try:
-                await waiter
-            except FanoutError as exc:  # a broker outage, or NATS refused it
-                return _error_frame(exc)
+    async def _confirm(self, waiter: asyncio.Future) -> bytes:
+        """The answer to one frame, once the committer parsed and committed it."""
+        try:
+            message = await waiter
+        except FanoutError as exc:  # refused, a broker outage, or NATS refused it
+            self._log_refusal(exc)
+            return _error_frame(exc)
+        except Exception:  # noqa: BLE001 - a bug in parsing must not end the writer
+            logger.exception("could not parse a frame from %s", self.ws.remote_address)
+            return error_body("internal error; the message was not accepted")
         return orjson.dumps(
             {"status": "accepted", "id": message.id, "topic": message.topic}
         )
