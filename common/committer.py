@@ -197,14 +197,16 @@ class Committer:
             )
 
     def _parse_waiting(self) -> None:
-        """Parse the bodies handed to :meth:`accept_body`, in order, into the
+        """Parse the bodies handed to :meth:`submit_body`, in order, into the
         queue; a refused body's waiter gets the reason.
 
         PERF: parsed here one after another, not each in its own request
         handler between the web framework's steps: the parser's code and
-        data stay in the CPU's caches. Measured on one HTTP worker, 64
-        connections: 5 us less CPU a request (67 -> 62). The bodies parsed
-        together share one ``received_at``.
+        data stay in the CPU's caches. In a worker, one orjson.loads of a
+        150-byte body cost about 4 us, against 0.2 us in a loop. Measured on
+        one HTTP worker, 64 connections: 5 us less CPU a request (67 -> 62);
+        on the WebSocket about 1 us less a frame. The bodies parsed together
+        share one ``received_at``.
         """
         unparsed, queue = self._unparsed, self._queue
         received_at = self.wall_clock()
