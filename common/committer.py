@@ -181,12 +181,6 @@ class Committer:
         self._wakeup.set()
         return waiter
 
-    async def accept_body(
-        self, parse: Parse, body: bytes, token_patterns: tuple[Pattern, ...]
-    ) -> Message:
-        """:meth:`submit_body`, and wait for its outcome."""
-        return await self.submit_body(parse, body, token_patterns)
-
     def _check_room(self) -> None:
         if self._closing:
             raise ShuttingDown("the gateway is shutting down; send it again later")

@@ -94,7 +94,7 @@ class MessagesResource:
         if not bulk:
             # Parsed by the committer with the other bodies of its batch; a
             # refusal is raised here all the same.
-            message = await self.gateway.committer.accept_body(
+            message = await self.gateway.committer.submit_body(
                 self.parser.envelope, body, patterns
             )
             resp.status = falcon.HTTP_202
