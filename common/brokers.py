@@ -454,8 +454,9 @@ class NatsLink:
         nc._transport.write(hpub_frames(messages, PING))
         return pong
 
-    async def close(self) -> None:
-        """Send what is buffered, then close; never raises.
+    async def close(self, flush_timeout: float = 2.0) -> None:
+        """Send what is buffered (waiting up to ``flush_timeout`` seconds for
+        the server), then close; never raises.
 
         At shutdown the server may already be gone (an embedded broker is
         stopped by the same supervisor); that is logged, not crashed on.
@@ -463,7 +464,7 @@ class NatsLink:
         self._closing = True
         if self.nc.is_connected:
             try:
-                await self.nc.flush(timeout=2)
+                await self.nc.flush(timeout=flush_timeout)
             except (TimeoutError, nats.errors.Error):
                 self.logger.warning("nats flush at close timed out")
         if not self.nc.is_closed:

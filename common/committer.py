@@ -104,8 +104,9 @@ class Committer:
         self._redis_ok = True
         self._nats_failing = False  # a NATS failure was logged, no success since
         self._late = False  # messages timed out in the queue, no success since
-        self._in_flight = 0  # messages of the batch being committed
+        self._in_hand: list[_Item] = []  # the batch being committed
         self._watch: asyncio.TimerHandle | None = None
+        self._give_up_timer: asyncio.TimerHandle | None = None
         self._commit_task: asyncio.Task | None = None
         self.committed = 0
         self.batches = 0
@@ -118,7 +119,7 @@ class Committer:
         self._commit_task = asyncio.create_task(self._run(), name="commit")
 
     def _waiting(self) -> int:
-        return len(self._queue) + len(self._unparsed) + self._in_flight
+        return len(self._queue) + len(self._unparsed) + len(self._in_hand)
 
     def submit(self, message: Message) -> asyncio.Future | None:
         """Queue ``message``; the returned waiter resolves once it is confirmed.
@@ -239,7 +240,7 @@ class Committer:
                 await asyncio.sleep(0)
                 continue
             batch = take_batch(queue, batch_size, _message_size)
-            self._in_flight = len(batch)
+            self._in_hand = batch
             self._watch = loop.call_later(EXPIRY_CHECK, self._expire_queued)
             try:
                 await self._commit(batch)
@@ -252,7 +253,7 @@ class Committer:
                     BrokerUnavailable("internal error; send it again with the same id"),
                 )
             finally:
-                self._in_flight = 0
+                self._in_hand = []
                 self._watch.cancel()
 
     def _expire_queued(self) -> None:
@@ -404,24 +405,59 @@ class Committer:
                 exc,
             )
 
+    def stop_by(self, seconds: float) -> None:
+        """Give up, ``seconds`` from now, on what is still held then.
+
+        Called when a stop begins, so that every sender is answered before
+        the server stops waiting for the answers: what the brokers have not
+        confirmed by then is refused as retryable, and nothing more is taken.
+        """
+        if self._give_up_timer is None:
+            self._give_up_timer = self._loop.call_later(seconds, self._give_up, seconds)
+
+    def _give_up(self, after: float) -> None:
+        """Stop committing; refuse, as retryable, what is still held.
+
+        The batch in hand may already be on NATS: its senders are told so.
+        """
+        self._closing = True
+        task = self._commit_task
+        if task is None or task.done():
+            return
+        task.cancel()
+        self._parse_waiting()
+        in_hand = [
+            item for item in self._in_hand if item[1] is None or not item[1].done()
+        ]
+        queued = list(self._queue)
+        self._queue.clear()
+        self.logger.error(
+            "shutdown: %d messages still unconfirmed after %.1f s; refused as "
+            "retryable",
+            len(in_hand) + len(queued),
+            after,
+        )
+        self._fail(
+            in_hand,
+            ShuttingDown(
+                "the gateway stopped before the brokers confirmed the message; "
+                "it may have reached NATS, send it again with the same id"
+            ),
+        )
+        self._fail(queued, ShuttingDown("the gateway stopped"))
+
     async def close(self, timeout: float) -> None:
         """Take no more messages, commit what is queued, flush and close."""
         self._closing = True
         self._wakeup.set()
-        if self._commit_task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._commit_task), timeout)
-            except TimeoutError:
-                self.logger.error(
-                    "shutdown: %d messages still unconfirmed after %.1f s",
-                    len(self._queue),
-                    timeout,
-                )
-                self._commit_task.cancel()
-                self._parse_waiting()
-                leftover = list(self._queue)
-                self._queue.clear()
-                self._fail(leftover, ShuttingDown("the gateway stopped"))
+        task = self._commit_task
+        if task is not None and not task.done():
+            # asyncio.wait, not wait_for: a task that stop_by gave up on
+            # meanwhile ends cancelled, and that is not this call's error.
+            await asyncio.wait({task}, timeout=timeout)
+            self._give_up(timeout)
+        if self._give_up_timer is not None:
+            self._give_up_timer.cancel()
         self.logger.info(
             "committer closed: %d committed in %d batches, %d refused",
             self.committed,

@@ -12,6 +12,8 @@ and are then refused with 503.
 
 import asyncio
 import logging
+import signal
+import threading
 
 import falcon
 import falcon.asgi
@@ -41,6 +43,10 @@ NDJSON = "application/x-ndjson"
 # Bytes read before choosing a body's limit: only a JSON array may be larger
 # than one message.
 PEEK = 4096
+# How long before uvicorn stops waiting for in-flight requests (half of
+# FANOUT_SHUTDOWN_TIMEOUT) the committer refuses what it still holds, so
+# that those requests are answered 503 rather than cut off.
+ANSWER_MARGIN = 0.5  # seconds
 
 
 def _result(outcome: Message | FanoutError) -> dict:
@@ -249,6 +255,7 @@ class Gateway:
         self.redis = redis_client(settings)
         self.committer = Committer(settings, self.nats, self.redis, logger)
         self.committer.start()
+        self._watch_stop_signals()
         self._connect_tasks = [
             asyncio.create_task(self._connect_nats(), name="nats-connect"),
             asyncio.create_task(
@@ -257,6 +264,34 @@ class Gateway:
             ),
         ]
         logger.info("http worker ready")
+
+    def _watch_stop_signals(self) -> None:
+        """Learn of TERM and INT as uvicorn does, and tell the committer.
+
+        uvicorn installs its signal handlers before the app starts; each is
+        kept and called after ours. Ours only schedules :meth:`_stop_begun`
+        on the loop.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return  # pragma: no cover - signals reach the main thread only
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+
+            def on_signal(sig, frame, previous=previous):
+                loop.call_soon_threadsafe(self._stop_begun)
+                if callable(previous):
+                    previous(sig, frame)
+
+            signal.signal(signum, on_signal)
+
+    def _stop_begun(self) -> None:
+        # uvicorn answers in-flight requests for half the shutdown timeout,
+        # then cancels them: a request whose message waits on a stalled
+        # broker would get uvicorn's plain 500. The committer refuses what
+        # it holds a moment before, as retryable: 503 with Retry-After.
+        grace = self.settings.shutdown_timeout / 2
+        self.committer.stop_by(max(grace - ANSWER_MARGIN, grace / 2))
 
     async def _connect_nats(self) -> None:
         if await self.nats.connect(self.stopping):

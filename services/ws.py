@@ -341,6 +341,8 @@ class WsIngress:
 
     async def _shutdown(self, server, connect_tasks: list[asyncio.Task]) -> None:
         timeout = self.settings.shutdown_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         logger.info("ws stopping: %d connections open", len(self.sessions))
 
         # Stop listening first, then stop each reader; writers still answer
@@ -349,14 +351,21 @@ class WsIngress:
         for session in list(self.sessions):
             if session.read_task is not None:
                 session.read_task.cancel()
+        closed_task = asyncio.ensure_future(server.wait_closed())
+        await asyncio.wait({closed_task}, timeout=timeout / 2)
+
+        # Answers still due wait for a broker that is slow or frozen: the
+        # committer gets a quarter more, then refuses what it holds as
+        # retryable, so that every frame read gets its answer and every
+        # connection its 1001 within the timeout.
+        await self.committer.close(timeout / 4)
         try:
-            await asyncio.wait_for(server.wait_closed(), timeout)
+            await asyncio.wait_for(closed_task, max(deadline - loop.time(), 0.05))
         except TimeoutError:
             logger.error("ws shutdown: connections still open after %.1f s", timeout)
-        await self.committer.close(timeout)
         for task in connect_tasks:
             task.cancel()
-        await self.nats.close()
+        await self.nats.close(flush_timeout=max(deadline - loop.time(), 0.05))
         await self.redis.aclose()
         logger.info("ws stopped")
 

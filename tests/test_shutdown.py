@@ -115,6 +115,85 @@ def test_ws_answers_read_frames_then_closes_1001(launch):
     assert "ws stopped" in ws.output()
 
 
+def test_ws_stop_with_redis_frozen_answers_every_frame_in_time(launch, brokers):
+    """With Redis frozen at TERM, every frame read is still answered (as
+    retryable), the connection closes 1001 and the process exits 0, all
+    within FANOUT_SHUTDOWN_TIMEOUT."""
+    ws = launch.start(
+        "fanout-ws", FANOUT_PUBLISH_TIMEOUT="2", FANOUT_SHUTDOWN_TIMEOUT="4"
+    )
+    client = websocket.WebSocket()
+    client.connect(f"ws://127.0.0.1:{ws.port}/MESSAGES", timeout=30)
+    client.send(json.dumps({"topic": "internal.stop", "n": -1}))
+    assert json.loads(client.recv())["status"] == "accepted"
+
+    brokers.redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        for n in range(20):
+            frame = {"message": {"topic": "internal.stop"}, "id": f"f{n}"}
+            client.send(json.dumps(frame))
+        time.sleep(0.5)
+        stopped = time.monotonic()
+        ws.signal(signal.SIGTERM)
+        answers, close_code = [], None
+        while True:
+            opcode, data = client.recv_data()
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                close_code = int.from_bytes(data[:2], "big")
+                client.send_close()  # complete the closing handshake
+                client.shutdown()
+                break
+            answers.append(json.loads(data))
+        closed = time.monotonic() - stopped
+        exit_code = ws.proc.wait(15)
+        exited = time.monotonic() - stopped
+    finally:
+        brokers.redis.proc.send_signal(signal.SIGCONT)
+
+    assert close_code == 1001, ws.output()
+    assert len(answers) == 20, answers
+    assert all(a["status"] == "error" and a["retryable"] for a in answers), answers
+    assert closed < 4.5, closed
+    assert exit_code == 0
+    assert exited < 5, exited
+    assert "exception was never retrieved" not in ws.output()
+
+
+def test_http_stop_with_redis_frozen_answers_503_in_time(launch, brokers):
+    """With Redis frozen at TERM, every request in flight gets a JSON 503
+    with Retry-After (not uvicorn's cut-off 500), and the worker exits 0
+    within FANOUT_SHUTDOWN_TIMEOUT."""
+    http = launch.start(
+        "fanout-http", FANOUT_PUBLISH_TIMEOUT="2", FANOUT_SHUTDOWN_TIMEOUT="4"
+    )
+    url = f"http://127.0.0.1:{http.port}/MESSAGES"
+    assert http_post(url, -1)[1] == 202
+
+    def post(n: int) -> requests.Response:
+        body = {"message": {"topic": "internal.stop"}, "id": f"h{n}"}
+        return requests.post(url, json=body, timeout=30)
+
+    brokers.redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=10) as pool:
+            posts = [pool.submit(post, n) for n in range(10)]
+            time.sleep(0.5)
+            stopped = time.monotonic()
+            http.signal(signal.SIGTERM)
+            answers = [p.result() for p in posts]
+            exit_code = http.proc.wait(15)
+            exited = time.monotonic() - stopped
+    finally:
+        brokers.redis.proc.send_signal(signal.SIGCONT)
+
+    assert [a.status_code for a in answers] == [503] * 10, [a.text for a in answers]
+    assert all(a.json()["status"] == "error" for a in answers)
+    assert all(a.headers["Retry-After"] for a in answers)
+    assert exit_code == 0
+    assert exited < 5, exited
+    assert "Exception in ASGI application" not in http.output()
+
+
 def test_http_answers_in_flight_then_exits_0(launch, brokers, subscriber):
     """On TERM, requests already waiting on a frozen NATS get their real status."""
     http = launch.start("fanout-http", FANOUT_PUBLISH_TIMEOUT="3")
