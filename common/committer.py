@@ -413,9 +413,9 @@ class Committer:
         confirmed by then is refused as retryable, and nothing more is taken.
         """
         if self._give_up_timer is None:
-            self._give_up_timer = self._loop.call_later(seconds, self._give_up, seconds)
+            self._give_up_timer = self._loop.call_later(seconds, self._give_up)
 
-    def _give_up(self, after: float) -> None:
+    def _give_up(self) -> None:
         """Stop committing; refuse, as retryable, what is still held.
 
         The batch in hand may already be on NATS: its senders are told so.
@@ -432,10 +432,9 @@ class Committer:
         queued = list(self._queue)
         self._queue.clear()
         self.logger.error(
-            "shutdown: %d messages still unconfirmed after %.1f s; refused as "
-            "retryable",
+            "shutdown: %d messages still unconfirmed when the stop's time for "
+            "them ran out; refused as retryable",
             len(in_hand) + len(queued),
-            after,
         )
         self._fail(
             in_hand,
@@ -455,7 +454,7 @@ class Committer:
             # asyncio.wait, not wait_for: a task that stop_by gave up on
             # meanwhile ends cancelled, and that is not this call's error.
             await asyncio.wait({task}, timeout=timeout)
-            self._give_up(timeout)
+            self._give_up()
         if self._give_up_timer is not None:
             self._give_up_timer.cancel()
         self.logger.info(

@@ -11,8 +11,10 @@ import ctypes
 import math
 import os
 import signal
+import sys
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
 from uvicorn_worker import UvicornWorker
 
 from common import logs
@@ -70,6 +72,18 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+class FanoutArbiter(Arbiter):
+    """gunicorn's master, stopping gracefully on INT as on TERM.
+
+    gunicorn makes INT (Ctrl-C) a quick stop that kills the workers without
+    letting them answer or commit what they hold; a gateway must not lose
+    an answer to a key press. QUIT is still the quick stop.
+    """
+
+    def handle_int(self):
+        self.handle_term()
+
+
 class FanoutHttp(BaseApplication):
     """gunicorn with options from a dict and the app from ``load_app()``."""
 
@@ -81,6 +95,13 @@ class FanoutHttp(BaseApplication):
     def load_config(self) -> None:
         for key, value in self.options.items():
             self.cfg.set(key, value)
+
+    def run(self) -> None:
+        try:
+            FanoutArbiter(self).run()
+        except RuntimeError as exc:  # gunicorn's own way to report a bad start
+            print(f"\nError: {exc}\n", file=sys.stderr, flush=True)
+            sys.exit(1)
 
     def load(self):
         if self.load_app is not None:

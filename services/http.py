@@ -298,12 +298,16 @@ class Gateway:
             self.parser.limit_to(self.nats.nc.max_payload)
 
     async def process_shutdown(self, scope, event) -> None:
+        # uvicorn has had the first half of FANOUT_SHUTDOWN_TIMEOUT for the
+        # requests in flight; committing and flushing share the second.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.shutdown_timeout / 2
         logger.info("http worker stopping")
         self.stopping.set()
         await self.committer.close(self.settings.shutdown_timeout / 2)
         for task in self._connect_tasks:
             task.cancel()
-        await self.nats.close()
+        await self.nats.close(flush_timeout=max(deadline - loop.time(), 0.05))
         await self.redis.aclose()
         logger.info("http worker stopped")
 

@@ -43,6 +43,8 @@ _END = object()  # tells a connection's writer that no more answers come
 HARD_CAP_FACTOR = 2
 OPEN_TIMEOUT = 10  # seconds for a client to complete the handshake
 CLOSE_TIMEOUT = 2  # seconds a client has to answer our close frame
+# Seconds before the end of a stop at which connections still open are cut.
+ABORT_MARGIN = 0.2
 
 
 def _error_frame(exc: FanoutError) -> bytes:
@@ -359,10 +361,19 @@ class WsIngress:
         # retryable, so that every frame read gets its answer and every
         # connection its 1001 within the timeout.
         await self.committer.close(timeout / 4)
-        try:
-            await asyncio.wait_for(closed_task, max(deadline - loop.time(), 0.05))
-        except TimeoutError:
-            logger.error("ws shutdown: connections still open after %.1f s", timeout)
+        await asyncio.wait({closed_task}, timeout=deadline - ABORT_MARGIN - loop.time())
+
+        # A client that keeps sending instead of answering our close frame
+        # would hold its connection for the library's close timeout.
+        if not closed_task.done():
+            logger.warning(
+                "ws shutdown: %d connections still open after %.1f s; aborted",
+                len(self.sessions),
+                timeout,
+            )
+            for session in list(self.sessions):
+                session.ws.transport.abort()
+            await asyncio.wait({closed_task}, timeout=ABORT_MARGIN)
         for task in connect_tasks:
             task.cancel()
         await self.nats.close(flush_timeout=max(deadline - loop.time(), 0.05))

@@ -10,6 +10,7 @@ import time
 
 import nats
 import orjson
+import pytest
 import requests
 import websocket
 
@@ -159,10 +160,11 @@ def test_ws_stop_with_redis_frozen_answers_every_frame_in_time(launch, brokers):
     assert "exception was never retrieved" not in ws.output()
 
 
-def test_http_stop_with_redis_frozen_answers_503_in_time(launch, brokers):
-    """With Redis frozen at TERM, every request in flight gets a JSON 503
-    with Retry-After (not uvicorn's cut-off 500), and the worker exits 0
-    within FANOUT_SHUTDOWN_TIMEOUT."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_http_stop_with_redis_frozen_answers_503_in_time(launch, brokers, signum):
+    """With Redis frozen when gunicorn's master gets TERM (or INT), every
+    request in flight gets a JSON 503 with Retry-After (not uvicorn's
+    cut-off 500), and the worker exits 0 within FANOUT_SHUTDOWN_TIMEOUT."""
     http = launch.start(
         "fanout-http", FANOUT_PUBLISH_TIMEOUT="2", FANOUT_SHUTDOWN_TIMEOUT="4"
     )
@@ -179,7 +181,7 @@ def test_http_stop_with_redis_frozen_answers_503_in_time(launch, brokers):
             posts = [pool.submit(post, n) for n in range(10)]
             time.sleep(0.5)
             stopped = time.monotonic()
-            http.signal(signal.SIGTERM)
+            http.proc.send_signal(signum)  # the master only, as `kill` does
             answers = [p.result() for p in posts]
             exit_code = http.proc.wait(15)
             exited = time.monotonic() - stopped
@@ -192,6 +194,67 @@ def test_http_stop_with_redis_frozen_answers_503_in_time(launch, brokers):
     assert exit_code == 0
     assert exited < 5, exited
     assert "Exception in ASGI application" not in http.output()
+    assert "http worker stopped" in http.output()
+
+
+def test_http_stop_with_nats_frozen_keeps_a_short_timeout(launch, brokers):
+    """A 1 s FANOUT_SHUTDOWN_TIMEOUT holds with NATS frozen: the final NATS
+    flush gets only what is left of it."""
+    http = launch.start(
+        "fanout-http", FANOUT_PUBLISH_TIMEOUT="10", FANOUT_SHUTDOWN_TIMEOUT="1"
+    )
+    url = f"http://127.0.0.1:{http.port}/MESSAGES"
+    assert http_post(url, -1)[1] == 202
+
+    brokers.nats.proc.send_signal(signal.SIGSTOP)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=5) as pool:
+            posts = [pool.submit(http_post, url, n) for n in range(5)]
+            time.sleep(0.5)
+            stopped = time.monotonic()
+            http.signal(signal.SIGTERM)
+            statuses = [p.result()[1] for p in posts]
+            exit_code = http.proc.wait(15)
+            exited = time.monotonic() - stopped
+    finally:
+        brokers.nats.proc.send_signal(signal.SIGCONT)
+
+    assert statuses == [503] * 5
+    assert exit_code == 0
+    assert exited < 1.8, exited
+
+
+def test_ws_stop_cuts_a_client_that_keeps_sending(launch, brokers):
+    """A client that keeps sending and never answers the 1001 close is cut
+    off, so the stop still ends within FANOUT_SHUTDOWN_TIMEOUT."""
+    ws = launch.start(
+        "fanout-ws", FANOUT_PUBLISH_TIMEOUT="10", FANOUT_SHUTDOWN_TIMEOUT="4"
+    )
+    client = websocket.WebSocket()
+    client.connect(f"ws://127.0.0.1:{ws.port}/MESSAGES", timeout=30)
+    brokers.nats.proc.send_signal(signal.SIGSTOP)
+    stopped = None
+    try:
+        for n in range(400):  # 20 ms apart: 8 s at most
+            if n == 15:
+                stopped = time.monotonic()
+                ws.signal(signal.SIGTERM)
+            try:
+                client.send(json.dumps({"topic": "internal.stop", "n": n}))
+            except (OSError, websocket.WebSocketException):
+                break
+            if ws.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        exit_code = ws.proc.wait(15)
+        exited = time.monotonic() - stopped
+    finally:
+        brokers.nats.proc.send_signal(signal.SIGCONT)
+        client.shutdown()
+
+    assert exit_code == 0
+    assert exited < 4.5, exited
+    assert "connections still open after 4.0 s; aborted" in ws.output()
 
 
 def test_http_answers_in_flight_then_exits_0(launch, brokers, subscriber):
