@@ -121,19 +121,6 @@ class Committer:
     def _waiting(self) -> int:
         return len(self._queue) + len(self._unparsed) + len(self._in_hand)
 
-    def submit(self, message: Message) -> asyncio.Future | None:
-        """Queue ``message``; the returned waiter resolves once it is confirmed.
-
-        With confirmation off (``FANOUT_CONFIRM=false``) nothing is returned
-        and the message counts as accepted on receipt.
-        """
-        self._check_room()
-        waiter = self._loop.create_future() if self.confirm else None
-        deadline = self.clock() + self.settings.publish_timeout
-        self._queue.append((message, waiter, deadline))
-        self._wakeup.set()
-        return waiter
-
     def submit_all(self, messages: list[Message]) -> list[asyncio.Future | None]:
         """Queue ``messages`` in order, all or none; one waiter each.
 
@@ -158,12 +145,6 @@ class Committer:
             waiters.append(waiter)
         self._wakeup.set()
         return waiters
-
-    async def accept(self, message: Message) -> None:
-        """Queue ``message`` and wait for its confirmation (or its failure)."""
-        waiter = self.submit(message)
-        if waiter is not None:
-            await waiter
 
     def submit_body(
         self, parse: Parse, body: bytes, token_patterns: tuple[Pattern, ...]
