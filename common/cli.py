@@ -18,7 +18,7 @@ EPILOG = (
 )
 
 
-def _version() -> str:
+def package_version() -> str:
     try:
         return version("fanout")
     except PackageNotFoundError:  # pragma: no cover - run from a bare checkout
@@ -30,5 +30,7 @@ def parse_command_line(
 ) -> None:
     """Answer ``--help`` and ``--version``; exit 2 on any other argument."""
     parser = argparse.ArgumentParser(prog=program, description=summary, epilog=EPILOG)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {package_version()}"
+    )
     parser.parse_args(argv)

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from common import tokens
 from common.errors import ConfigError
+from common.message import subject_problem
 from common.policy import parse_patterns
 
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
@@ -145,8 +146,23 @@ def _path(text: str) -> str:
     return os.path.abspath(text)
 
 
-def _optional_path(text: str) -> str:
-    return os.path.abspath(text) if text else ""
+def _optional_file(text: str) -> str:
+    # Checked at startup: a missing file would otherwise surface as a
+    # connection error retried for ever.
+    if not text:
+        return ""
+    path = os.path.abspath(text)
+    if not os.path.isfile(path):
+        raise ValueError(f"no such file: {path}")
+    return path
+
+
+def _subject(text: str) -> str:
+    _key(text)
+    problem = subject_problem(text)
+    if problem:
+        raise ValueError(f"not a NATS subject to publish to: it {problem}")
+    return text
 
 
 def _text(text: str) -> str:
@@ -238,7 +254,7 @@ SETTINGS: tuple[Setting, ...] = (
         "FANOUT_INGRESS_SUBJECT",
         "NATS subject",
         "MESSAGES",
-        _key,
+        _subject,
         "NATS subject the NATS ingress subscribes to.",
     ),
     Setting(
@@ -393,8 +409,9 @@ SETTINGS: tuple[Setting, ...] = (
         "string",
         "",
         lambda text: text and _key(text),
-        "Name of a Redis consumer's processing list. Empty: host name and "
-        "supervisord process name.",
+        "Name of a Redis consumer's processing list; only for a single "
+        "consumer (refused with FANOUT_REDIS_CONSUMERS above 1). Empty: host "
+        "name and supervisord process name.",
     ),
     Setting(
         "consumer_ttl",
@@ -541,7 +558,7 @@ SETTINGS: tuple[Setting, ...] = (
         "FANOUT_NATS_NKEY_SEED_FILE",
         "path",
         "",
-        _optional_path,
+        _optional_file,
         "File holding the gateway's NKey seed, for NKey auth.",
     ),
     Setting(
@@ -549,7 +566,7 @@ SETTINGS: tuple[Setting, ...] = (
         "FANOUT_NATS_CREDS_FILE",
         "path",
         "",
-        _optional_path,
+        _optional_file,
         "A .creds file (user JWT and NKey seed), for decentralized auth.",
     ),
     Setting(
@@ -557,7 +574,7 @@ SETTINGS: tuple[Setting, ...] = (
         "FANOUT_NATS_TLS_CA",
         "path",
         "",
-        _optional_path,
+        _optional_file,
         "CA bundle to verify the NATS server with; setting it turns TLS on.",
     ),
     Setting(
@@ -565,7 +582,7 @@ SETTINGS: tuple[Setting, ...] = (
         "FANOUT_NATS_TLS_CERT",
         "path",
         "",
-        _optional_path,
+        _optional_file,
         "Client certificate for NATS TLS (with FANOUT_NATS_TLS_KEY).",
     ),
     Setting(
@@ -573,7 +590,7 @@ SETTINGS: tuple[Setting, ...] = (
         "FANOUT_NATS_TLS_KEY",
         "path",
         "",
-        _optional_path,
+        _optional_file,
         "Private key of FANOUT_NATS_TLS_CERT.",
     ),
     Setting(
@@ -599,7 +616,7 @@ SETTINGS: tuple[Setting, ...] = (
         "FANOUT_REDIS_TLS_CA",
         "path",
         "",
-        _optional_path,
+        _optional_file,
         "CA bundle to verify Redis with, for a rediss:// URL.",
     ),
     Setting(
@@ -607,7 +624,7 @@ SETTINGS: tuple[Setting, ...] = (
         "FANOUT_REDIS_TLS_CERT",
         "path",
         "",
-        _optional_path,
+        _optional_file,
         "Client certificate for Redis TLS (with FANOUT_REDIS_TLS_KEY).",
     ),
     Setting(
@@ -615,7 +632,7 @@ SETTINGS: tuple[Setting, ...] = (
         "FANOUT_REDIS_TLS_KEY",
         "path",
         "",
-        _optional_path,
+        _optional_file,
         "Private key of FANOUT_REDIS_TLS_CERT.",
     ),
 )
@@ -664,7 +681,26 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     _check_keys(values)
     _check_credentials(values)
     _check_limits(values)
+    _check_processes(values)
     return Settings(values, frozenset(embedded))
+
+
+def _check_processes(values: Mapping[str, Any]) -> None:
+    if values["http_bind"] == values["ws_bind"]:
+        host, port = values["http_bind"]
+        raise ConfigError(
+            f"FANOUT_HTTP_BIND and FANOUT_WS_BIND are both {host}:{port}; the "
+            "HTTP and WebSocket ingresses need a port each"
+        )
+    # One name is one processing list: consumers sharing it would each
+    # deliver what the other took.
+    if values["consumer_name"] and values["redis_consumers"] > 1:
+        raise ConfigError(
+            f"FANOUT_CONSUMER_NAME={values['consumer_name']!r} is set with "
+            f"FANOUT_REDIS_CONSUMERS={values['redis_consumers']}: the consumers "
+            "would share one processing list and deliver its items twice; "
+            "leave the name unset (each takes its process name) or run one"
+        )
 
 
 def _check_limits(values: Mapping[str, Any]) -> None:

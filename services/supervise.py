@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import cli
 from common import settings as settings_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,9 +39,21 @@ def supervisor_environment(environ: dict[str, str]) -> dict[str, str]:
     # Children are found on PATH: put this virtualenv's scripts first.
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
-    Path(settings.log_dir).mkdir(parents=True, exist_ok=True)
-    Path(settings.run_dir).mkdir(parents=True, exist_ok=True)
-    (config_path().parent / "var" / "run").mkdir(parents=True, exist_ok=True)
+    for env_name, folder in (
+        ("FANOUT_LOG_DIR", settings.log_dir),
+        ("FANOUT_RUN_DIR", settings.run_dir),
+        ("FANOUT_SUPERVISORD_CONF", str(config_path().parent / "var" / "run")),
+    ):
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(
+                f"fanout: bad setting {env_name}: cannot create {folder} "
+                f"({exc.strerror or exc})",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SystemExit(settings_module.EXIT_CONFIG) from None
     return env
 
 
@@ -48,6 +61,9 @@ def main() -> None:
     args = sys.argv[1:]
     if args[:1] in (["-h"], ["--help"]):
         print(USAGE)
+        return
+    if args == ["--version"]:
+        print(f"fanout {cli.package_version()}")
         return
     if not args or args[0] not in ("run", "start", "ctl"):
         raise SystemExit(USAGE)

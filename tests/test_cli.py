@@ -62,6 +62,13 @@ def test_version_is_the_package_version():
     assert done.stdout.strip() == "fanout-ws 0.1.0"
 
 
+def test_fanout_version_is_the_package_version():
+    """``fanout --version`` names the installed package's version."""
+    done = _run("fanout", "--version")
+
+    assert (done.returncode, done.stdout.strip()) == (0, "fanout 0.1.0")
+
+
 def test_fanout_help_prints_its_usage():
     """``fanout --help`` prints the subcommands and exits 0."""
     done = _run("fanout", "--help")

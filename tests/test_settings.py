@@ -74,6 +74,27 @@ def test_cluster_url_list_is_split():
             "ingress list, the audit log and the dead-letter list must be different "
             "lists, or the gateway would consume its own output",
         ),
+        (
+            {"FANOUT_INGRESS_SUBJECT": "MESS*"},
+            "FANOUT_INGRESS_SUBJECT='MESS*': not a NATS subject to publish to: it "
+            "contains a wildcard (* or >)",
+        ),
+        (
+            {"FANOUT_HTTP_BIND": "127.0.0.1:9000", "FANOUT_WS_BIND": "127.0.0.1:9000"},
+            "FANOUT_HTTP_BIND and FANOUT_WS_BIND are both 127.0.0.1:9000; the HTTP "
+            "and WebSocket ingresses need a port each",
+        ),
+        (
+            {"FANOUT_CONSUMER_NAME": "c", "FANOUT_REDIS_CONSUMERS": "2"},
+            "FANOUT_CONSUMER_NAME='c' is set with FANOUT_REDIS_CONSUMERS=2: the "
+            "consumers would share one processing list and deliver its items "
+            "twice; leave the name unset (each takes its process name) or run one",
+        ),
+        (
+            {"FANOUT_NATS_TLS_CA": "/nonexistent/ca.pem"},
+            "FANOUT_NATS_TLS_CA='/nonexistent/ca.pem': no such file: "
+            "/nonexistent/ca.pem",
+        ),
     ],
 )
 def test_bad_value_names_variable_and_value(env, error):
@@ -106,3 +127,25 @@ def test_every_process_exits_78_on_a_bad_setting(program):
     assert result.stderr == (
         "fanout: bad setting FANOUT_BATCH_SIZE='-1': must be between 1 and 100000\n"
     )
+
+
+def test_fanout_refuses_a_log_dir_it_cannot_create(tmp_path):
+    """An unusable FANOUT_LOG_DIR is one line and exit 78, before anything
+    starts."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    env = {
+        "PATH": str(BIN),
+        "FANOUT_LOG_DIR": str(blocker / "logs"),
+        "FANOUT_SUPERVISORD_CONF": str(tmp_path / "supervisord.conf"),
+    }
+    done = subprocess.run(
+        [str(BIN / "fanout"), "run"], env=env, capture_output=True, text=True,
+        timeout=20,
+    )  # fmt: skip
+
+    assert done.returncode == 78
+    assert done.stderr.startswith(
+        f"fanout: bad setting FANOUT_LOG_DIR: cannot create {blocker / 'logs'} ("
+    )
+    assert "Traceback" not in done.stderr
