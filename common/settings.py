@@ -409,9 +409,9 @@ SETTINGS: tuple[Setting, ...] = (
         "string",
         "",
         lambda text: text and _key(text),
-        "Name of a Redis consumer's processing list; only for a single "
-        "consumer (refused with FANOUT_REDIS_CONSUMERS above 1). Empty: host "
-        "name and supervisord process name.",
+        "Name of a Redis consumer's processing list; one name per consumer "
+        "(`fanout run` refuses it with FANOUT_REDIS_CONSUMERS above 1). "
+        "Empty: host name and supervisord process name.",
     ),
     Setting(
         "consumer_ttl",
@@ -691,15 +691,6 @@ def _check_processes(values: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"FANOUT_HTTP_BIND and FANOUT_WS_BIND are both {host}:{port}; the "
             "HTTP and WebSocket ingresses need a port each"
-        )
-    # One name is one processing list: consumers sharing it would each
-    # deliver what the other took.
-    if values["consumer_name"] and values["redis_consumers"] > 1:
-        raise ConfigError(
-            f"FANOUT_CONSUMER_NAME={values['consumer_name']!r} is set with "
-            f"FANOUT_REDIS_CONSUMERS={values['redis_consumers']}: the consumers "
-            "would share one processing list and deliver its items twice; "
-            "leave the name unset (each takes its process name) or run one"
         )
 
 

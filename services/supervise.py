@@ -27,6 +27,15 @@ def config_path() -> Path:
 def supervisor_environment(environ: dict[str, str]) -> dict[str, str]:
     """The environment supervisord and every Fanout process run with."""
     settings = settings_module.load_or_exit(environ)
+    if settings.consumer_name and settings.redis_consumers > 1:
+        # supervisord gives every consumer the same environment: one name
+        # would be one processing list, shared, its items delivered twice.
+        _refuse(
+            f"FANOUT_CONSUMER_NAME={settings.consumer_name!r} is set with "
+            f"FANOUT_REDIS_CONSUMERS={settings.redis_consumers}: the consumers "
+            "would share one processing list and deliver its items twice; "
+            "leave the name unset (each takes its process name) or run one"
+        )
     env = dict(environ)
     env.update(
         FANOUT_LOG_DIR=settings.log_dir,
@@ -47,14 +56,14 @@ def supervisor_environment(environ: dict[str, str]) -> dict[str, str]:
         try:
             Path(folder).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            print(
-                f"fanout: bad setting {env_name}: cannot create {folder} "
-                f"({exc.strerror or exc})",
-                file=sys.stderr,
-                flush=True,
-            )
-            raise SystemExit(settings_module.EXIT_CONFIG) from None
+            _refuse(f"{env_name}: cannot create {folder} ({exc.strerror or exc})")
     return env
+
+
+def _refuse(reason: str) -> None:
+    """One line, as for any bad setting, and the exit status that says so."""
+    print(f"fanout: bad setting {reason}", file=sys.stderr, flush=True)
+    raise SystemExit(settings_module.EXIT_CONFIG)
 
 
 def main() -> None:

@@ -85,12 +85,6 @@ def test_cluster_url_list_is_split():
             "and WebSocket ingresses need a port each",
         ),
         (
-            {"FANOUT_CONSUMER_NAME": "c", "FANOUT_REDIS_CONSUMERS": "2"},
-            "FANOUT_CONSUMER_NAME='c' is set with FANOUT_REDIS_CONSUMERS=2: the "
-            "consumers would share one processing list and deliver its items "
-            "twice; leave the name unset (each takes its process name) or run one",
-        ),
-        (
             {"FANOUT_NATS_TLS_CA": "/nonexistent/ca.pem"},
             "FANOUT_NATS_TLS_CA='/nonexistent/ca.pem': no such file: "
             "/nonexistent/ca.pem",
@@ -126,6 +120,31 @@ def test_every_process_exits_78_on_a_bad_setting(program):
     assert result.returncode == settings.EXIT_CONFIG
     assert result.stderr == (
         "fanout: bad setting FANOUT_BATCH_SIZE='-1': must be between 1 and 100000\n"
+    )
+
+
+def test_fanout_refuses_one_consumer_name_for_several_consumers(tmp_path):
+    """Under supervisord every consumer gets the same environment: a
+    consumer name with more than one Redis consumer is refused (exit 78)."""
+    env = {
+        "PATH": str(BIN),
+        "FANOUT_CONSUMER_NAME": "c",
+        "FANOUT_REDIS_CONSUMERS": "2",
+        "FANOUT_LOG_DIR": str(tmp_path / "log"),
+        "FANOUT_RUN_DIR": str(tmp_path / "run"),
+        "FANOUT_SUPERVISORD_CONF": str(tmp_path / "supervisord.conf"),
+    }
+    done = subprocess.run(
+        [str(BIN / "fanout"), "start"], env=env, capture_output=True, text=True,
+        timeout=20,
+    )  # fmt: skip
+
+    assert done.returncode == 78
+    assert done.stderr == (
+        "fanout: bad setting FANOUT_CONSUMER_NAME='c' is set with "
+        "FANOUT_REDIS_CONSUMERS=2: the consumers would share one processing "
+        "list and deliver its items twice; leave the name unset (each takes its "
+        "process name) or run one\n"
     )
 
 
