@@ -123,24 +123,32 @@ def test_every_process_exits_78_on_a_bad_setting(program):
     )
 
 
-def test_fanout_refuses_one_consumer_name_for_several_consumers(tmp_path):
-    """Under supervisord every consumer gets the same environment: a
-    consumer name with more than one Redis consumer is refused (exit 78)."""
+def _fanout_refusal(command: str, tmp_path, **values: str):
+    """``fanout COMMAND`` with only the settings ``values`` and its files under
+    ``tmp_path``; it must refuse before starting anything."""
     env = {
         "PATH": str(BIN),
-        "FANOUT_CONSUMER_NAME": "c",
-        "FANOUT_REDIS_CONSUMERS": "2",
         "FANOUT_LOG_DIR": str(tmp_path / "log"),
         "FANOUT_RUN_DIR": str(tmp_path / "run"),
         "FANOUT_SUPERVISORD_CONF": str(tmp_path / "supervisord.conf"),
+        **values,
     }
     done = subprocess.run(
-        [str(BIN / "fanout"), "start"], env=env, capture_output=True, text=True,
+        [str(BIN / "fanout"), command], env=env, capture_output=True, text=True,
         timeout=20,
     )  # fmt: skip
+    assert done.returncode == settings.EXIT_CONFIG, done.stderr
+    return done.stderr
 
-    assert done.returncode == 78
-    assert done.stderr == (
+
+def test_fanout_refuses_one_consumer_name_for_several_consumers(tmp_path):
+    """Under supervisord every consumer gets the same environment: a
+    consumer name with more than one Redis consumer is refused (exit 78)."""
+    error = _fanout_refusal(
+        "start", tmp_path, FANOUT_CONSUMER_NAME="c", FANOUT_REDIS_CONSUMERS="2"
+    )
+
+    assert error == (
         "fanout: bad setting FANOUT_CONSUMER_NAME='c' is set with "
         "FANOUT_REDIS_CONSUMERS=2: the consumers would share one processing "
         "list and deliver its items twice; leave the name unset (each takes its "
@@ -153,18 +161,9 @@ def test_fanout_refuses_a_log_dir_it_cannot_create(tmp_path):
     starts."""
     blocker = tmp_path / "file"
     blocker.write_text("")
-    env = {
-        "PATH": str(BIN),
-        "FANOUT_LOG_DIR": str(blocker / "logs"),
-        "FANOUT_SUPERVISORD_CONF": str(tmp_path / "supervisord.conf"),
-    }
-    done = subprocess.run(
-        [str(BIN / "fanout"), "run"], env=env, capture_output=True, text=True,
-        timeout=20,
-    )  # fmt: skip
+    error = _fanout_refusal("run", tmp_path, FANOUT_LOG_DIR=str(blocker / "logs"))
 
-    assert done.returncode == 78
-    assert done.stderr.startswith(
+    assert error.startswith(
         f"fanout: bad setting FANOUT_LOG_DIR: cannot create {blocker / 'logs'} ("
     )
-    assert "Traceback" not in done.stderr
+    assert "Traceback" not in error
