@@ -255,31 +255,24 @@ class NatsLink:
         self.nc = DirectClient()
         self.connected = asyncio.Event()
         self._closing = False
+        self._ever_connected = False
         self._said: set[str] = set()  # messages _say_once already logged
         self._servers = ", ".join(redact_url(u) for u in settings.nats_urls)
 
     async def connect(self, stopping: asyncio.Event) -> bool:
-        """Connect, retrying with backoff; False if ``stopping`` was set first."""
+        """Connect, retrying with backoff; False if ``stopping`` was set first.
+
+        nats-py, allowed to reconnect, keeps retrying an unreachable server
+        inside connect() without returning: each attempt is raced against
+        ``stopping``, so that a stop is not held up by it.
+        """
         delays = backoff_delays()
         while not stopping.is_set():
+            attempt = asyncio.ensure_future(self._attempt())
+            if not await _before_stop(attempt, stopping):
+                return False
             try:
-                await self.nc.connect(
-                    servers=list(self.settings.nats_urls),
-                    name=self.name,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,  # forever
-                    reconnect_time_wait=0.5,  # seconds
-                    connect_timeout=2,  # seconds
-                    ping_interval=10,  # seconds
-                    max_outstanding_pings=2,
-                    pending_size=NATS_PENDING_BYTES,
-                    skip_subject_validation=True,  # common.message checks
-                    disconnected_cb=self._disconnected,
-                    reconnected_cb=self._reconnected,
-                    error_cb=self._error,
-                    closed_cb=self._closed,
-                    **nats_credentials(self.settings),
-                )
+                attempt.result()
             except (TimeoutError, OSError, ssl.SSLError, nats.errors.Error) as exc:
                 # Only the class name is logged: a server's error text may
                 # quote what the client sent.
@@ -293,6 +286,7 @@ class NatsLink:
                 await _sleep_unless(stopping, delay)
                 continue
             self.connected.set()
+            self._ever_connected = True
             self.logger.info(
                 "nats connected to %s (max_payload %d bytes)",
                 self._current(),
@@ -300,6 +294,25 @@ class NatsLink:
             )
             return True
         return False
+
+    async def _attempt(self) -> None:
+        await self.nc.connect(
+            servers=list(self.settings.nats_urls),
+            name=self.name,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,  # forever
+            reconnect_time_wait=0.5,  # seconds
+            connect_timeout=2,  # seconds
+            ping_interval=10,  # seconds
+            max_outstanding_pings=2,
+            pending_size=NATS_PENDING_BYTES,
+            skip_subject_validation=True,  # common.message checks
+            disconnected_cb=self._disconnected,
+            reconnected_cb=self._reconnected,
+            error_cb=self._error,
+            closed_cb=self._closed,
+            **nats_credentials(self.settings),
+        )
 
     def _current(self) -> str:
         url = self.nc.connected_url
@@ -467,7 +480,9 @@ class NatsLink:
                 await self.nc.flush(timeout=flush_timeout)
             except (TimeoutError, nats.errors.Error):
                 self.logger.warning("nats flush at close timed out")
-        if not self.nc.is_closed:
+        # A client whose first connect never finished has nothing to close
+        # (nats-py asserts so).
+        if self._ever_connected and not self.nc.is_closed:
             try:
                 await self.nc.close()
             except Exception as exc:  # noqa: BLE001 - closing: nothing left to save
@@ -645,6 +660,24 @@ async def wait_for_redis(
             continue
         logger.info("redis connected to %s", redact_url(url))
         return True
+    return False
+
+
+async def _before_stop(attempt: asyncio.Future, stopping: asyncio.Event) -> bool:
+    """Wait for ``attempt``; False, with it cancelled, if ``stopping`` comes
+    first."""
+    stop_waiter = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({attempt, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        attempt.cancel()  # the caller is cancelled: so is its attempt
+        raise
+    finally:
+        stop_waiter.cancel()
+    if attempt.done():
+        return True
+    attempt.cancel()
+    await asyncio.gather(attempt, return_exceptions=True)
     return False
 
 

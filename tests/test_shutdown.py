@@ -14,7 +14,14 @@ import pytest
 import requests
 import websocket
 
-from tests.support import BIN, Subscriber, audit_log, port_is_free, wait_until
+from tests.support import (
+    BIN,
+    Subscriber,
+    audit_log,
+    free_port,
+    port_is_free,
+    wait_until,
+)
 
 
 def ws_burst(url: str, count: int, result: dict) -> None:
@@ -425,3 +432,24 @@ def test_nats_consumer_writes_what_it_could_not_deliver_to_its_log(
     }
     assert {e["reason"].split(" ", 1)[0] for e in published} >= {"published", "sent"}
     assert f"wrote {len(entries)} undelivered messages" in consumer.output()
+
+
+@pytest.mark.parametrize("program", ["fanout-redis", "fanout-nats"])
+def test_consumer_stops_while_nats_is_unreachable(launch, program):
+    """A consumer still trying to reach NATS exits 0 on TERM, within its
+    FANOUT_SHUTDOWN_TIMEOUT (nats-py retries inside its connect call)."""
+    consumer = launch.start(
+        program,
+        ready=False,
+        FANOUT_NATS_URL=f"nats://127.0.0.1:{free_port()}",  # nothing listens
+        FANOUT_SHUTDOWN_TIMEOUT="2",
+    )
+    consumer.wait_for_log("nats unreachable at")
+
+    stopped = time.monotonic()
+    consumer.signal(signal.SIGTERM)
+    exit_code = consumer.proc.wait(15)
+
+    assert exit_code == 0
+    assert time.monotonic() - stopped < 2.5
+    assert "Traceback" not in consumer.output()
