@@ -63,6 +63,10 @@ def parse_patterns(text: str) -> tuple[Pattern, ...]:
         if problem:
             raise ValueError(f"pattern {part!r} {problem}")
         patterns.append(tuple(part.split(".")))
+    if text.strip() and not patterns:
+        # Only commas: an allow-list that reads as none would allow every
+        # topic.
+        raise ValueError("holds no pattern, only separators")
     return tuple(patterns)
 
 

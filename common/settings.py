@@ -153,7 +153,8 @@ def _optional_file(text: str) -> str:
         return ""
     path = os.path.abspath(text)
     if not os.path.isfile(path):
-        raise ValueError(f"no such file: {path}")
+        what = "a folder, not a file" if os.path.isdir(path) else "no such file"
+        raise ValueError(f"{what}: {path}")
     return path
 
 
@@ -681,17 +682,29 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     _check_keys(values)
     _check_credentials(values)
     _check_limits(values)
-    _check_processes(values)
+    _check_processes(values, embedded)
     return Settings(values, frozenset(embedded))
 
 
-def _check_processes(values: Mapping[str, Any]) -> None:
-    if values["http_bind"] == values["ws_bind"]:
-        host, port = values["http_bind"]
-        raise ConfigError(
-            f"FANOUT_HTTP_BIND and FANOUT_WS_BIND are both {host}:{port}; the "
-            "HTTP and WebSocket ingresses need a port each"
-        )
+def _check_processes(values: Mapping[str, Any], embedded: set[str]) -> None:
+    # The processes of one gateway listen on one host: each needs a port of
+    # its own (a host bound to 0.0.0.0 takes the port on every address).
+    ports = {
+        "FANOUT_HTTP_BIND": values["http_bind"][1],
+        "FANOUT_WS_BIND": values["ws_bind"][1],
+    }
+    if "nats" in embedded:
+        ports["FANOUT_EMBEDDED_NATS_PORT"] = values["embedded_nats_port"]
+    if "redis" in embedded:
+        ports["FANOUT_EMBEDDED_REDIS_PORT"] = values["embedded_redis_port"]
+    seen: dict[int, str] = {}
+    for env, port in ports.items():
+        if port in seen:
+            raise ConfigError(
+                f"{seen[port]} and {env} both use port {port}; each process of "
+                "the gateway needs a port of its own"
+            )
+        seen[port] = env
 
 
 def _check_limits(values: Mapping[str, Any]) -> None:

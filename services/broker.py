@@ -14,6 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from common import cli
 from common import settings as settings_module
 
 
@@ -73,8 +74,12 @@ def main() -> None:
     if which in ("-h", "--help"):
         print(BROKER_USAGE)
         return
+    if which == "--version" and len(sys.argv) == 2:
+        print(f"fanout-broker {cli.package_version()}")
+        return
     if which not in ("nats", "redis") or len(sys.argv) > 2:
-        raise SystemExit(BROKER_USAGE)
+        print(BROKER_USAGE, file=sys.stderr)
+        raise SystemExit(2)
     settings = settings_module.load_or_exit()
     if which not in settings.embedded:
         print(f"fanout-broker: an external {which} is configured; not starting one")

@@ -74,8 +74,14 @@ def main() -> None:
     if args == ["--version"]:
         print(f"fanout {cli.package_version()}")
         return
-    if not args or args[0] not in ("run", "start", "ctl"):
-        raise SystemExit(USAGE)
+    if (
+        not args
+        or args[0] not in ("run", "start", "ctl")
+        or (args[0] != "ctl" and len(args) > 1)
+    ):
+        # An argument it does not know: exit 2, as the other programs do.
+        print(USAGE, file=sys.stderr)
+        raise SystemExit(2)
     env = supervisor_environment(dict(os.environ))
     bin_dir = Path(sys.executable).parent
     conf = str(config_path())

@@ -77,3 +77,16 @@ def test_fanout_help_prints_its_usage():
     assert done.stdout.strip() == (
         "usage: fanout run | fanout start | fanout ctl SUPERVISORCTL-ARGS"
     )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["fanout", "--bogus"], ["fanout", "run", "extra"], ["fanout-broker", "nats", "x"]],
+)
+def test_fanout_and_broker_refuse_unknown_arguments(command):
+    """``fanout`` and ``fanout-broker`` refuse what they do not know with
+    exit 2 and their usage, before anything starts."""
+    done = _run(*command)
+
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: ")

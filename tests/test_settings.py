@@ -81,8 +81,21 @@ def test_cluster_url_list_is_split():
         ),
         (
             {"FANOUT_HTTP_BIND": "127.0.0.1:9000", "FANOUT_WS_BIND": "127.0.0.1:9000"},
-            "FANOUT_HTTP_BIND and FANOUT_WS_BIND are both 127.0.0.1:9000; the HTTP "
-            "and WebSocket ingresses need a port each",
+            "FANOUT_HTTP_BIND and FANOUT_WS_BIND both use port 9000; each process "
+            "of the gateway needs a port of its own",
+        ),
+        (
+            {"FANOUT_EMBEDDED_NATS_PORT": "7000", "FANOUT_EMBEDDED_REDIS_PORT": "7000"},
+            "FANOUT_EMBEDDED_NATS_PORT and FANOUT_EMBEDDED_REDIS_PORT both use port "
+            "7000; each process of the gateway needs a port of its own",
+        ),
+        (
+            {"FANOUT_ALLOWED_TOPICS": ","},
+            "FANOUT_ALLOWED_TOPICS=',': holds no pattern, only separators",
+        ),
+        (
+            {"FANOUT_NATS_CREDS_FILE": "/"},
+            "FANOUT_NATS_CREDS_FILE='/': a folder, not a file: /",
         ),
         (
             {"FANOUT_NATS_TLS_CA": "/nonexistent/ca.pem"},
