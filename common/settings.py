@@ -697,14 +697,23 @@ def _check_processes(values: Mapping[str, Any], embedded: set[str]) -> None:
         ports["FANOUT_EMBEDDED_NATS_PORT"] = values["embedded_nats_port"]
     if "redis" in embedded:
         ports["FANOUT_EMBEDDED_REDIS_PORT"] = values["embedded_redis_port"]
-    seen: dict[int, str] = {}
-    for env, port in ports.items():
-        if port in seen:
-            raise ConfigError(
-                f"{seen[port]} and {env} both use port {port}; each process of "
-                "the gateway needs a port of its own"
-            )
-        seen[port] = env
+    repeat = _first_repeat(ports)
+    if repeat:
+        first, env, port = repeat
+        raise ConfigError(
+            f"{first} and {env} both use port {port}; each process of the "
+            "gateway needs a port of its own"
+        )
+
+
+def _first_repeat(named: Mapping[str, Any]) -> tuple[str, str, Any] | None:
+    """The first value two settings share: (the earlier, the later, value)."""
+    seen: dict[Any, str] = {}
+    for env, value in named.items():
+        if value in seen:
+            return seen[value], env, value
+        seen[value] = env
+    return None
 
 
 def _check_limits(values: Mapping[str, Any]) -> None:
@@ -726,15 +735,14 @@ def _check_keys(values: Mapping[str, Any]) -> None:
         "FANOUT_LOG_LIST": values["log_list"],
         "FANOUT_DEAD_LIST": values["dead_list"],
     }
-    seen: dict[str, str] = {}
-    for env, key in lists.items():
-        if key in seen:
-            raise ConfigError(
-                f"{env}={key!r}: same Redis key as {seen[key]}; the ingress "
-                "list, the audit log and the dead-letter list must be "
-                "different lists, or the gateway would consume its own output"
-            )
-        seen[key] = env
+    repeat = _first_repeat(lists)
+    if repeat:
+        first, env, key = repeat
+        raise ConfigError(
+            f"{env}={key!r}: same Redis key as {first}; the ingress list, the "
+            "audit log and the dead-letter list must be different lists, or "
+            "the gateway would consume its own output"
+        )
 
 
 def _check_credentials(values: Mapping[str, Any]) -> None:
