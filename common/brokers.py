@@ -269,10 +269,8 @@ class NatsLink:
         delays = backoff_delays()
         while not stopping.is_set():
             attempt = asyncio.ensure_future(self._attempt())
-            if not await _before_stop(attempt, stopping):
-                return False
             try:
-                attempt.result()
+                await first_of(attempt, stopping.wait())
             except (TimeoutError, OSError, ssl.SSLError, nats.errors.Error) as exc:
                 # Only the class name is logged: a server's error text may
                 # quote what the client sent.
@@ -285,6 +283,8 @@ class NatsLink:
                 )
                 await _sleep_unless(stopping, delay)
                 continue
+            if attempt.cancelled() or not attempt.done():
+                return False  # the stop came first
             self.connected.set()
             self._ever_connected = True
             self.logger.info(
@@ -663,22 +663,18 @@ async def wait_for_redis(
     return False
 
 
-async def _before_stop(attempt: asyncio.Future, stopping: asyncio.Event) -> bool:
-    """Wait for ``attempt``; False, with it cancelled, if ``stopping`` comes
-    first."""
-    stop_waiter = asyncio.ensure_future(stopping.wait())
+async def first_of(*aws) -> None:
+    """Wait for the first of ``aws`` to finish and cancel the rest (all of
+    them when the caller is cancelled); raise what the first raised."""
+    tasks = [asyncio.ensure_future(aw) for aw in aws]
     try:
-        await asyncio.wait({attempt, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        attempt.cancel()  # the caller is cancelled: so is its attempt
-        raise
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        stop_waiter.cancel()
-    if attempt.done():
-        return True
-    attempt.cancel()
-    await asyncio.gather(attempt, return_exceptions=True)
-    return False
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+    for task in done:
+        task.result()
 
 
 async def _sleep_unless(event: asyncio.Event, delay: float) -> None:

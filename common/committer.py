@@ -127,15 +127,7 @@ class Committer:
         The messages sit next to each other in the queue, so they are
         committed in as few batches as ``batch_size`` allows.
         """
-        if self._closing:
-            raise ShuttingDown("the gateway is shutting down; send it again later")
-        waiting = self._waiting()
-        if waiting + len(messages) > self.settings.max_pending:
-            raise Overloaded(
-                f"{waiting} messages are waiting for the brokers; "
-                f"{len(messages)} more would exceed FANOUT_MAX_PENDING "
-                f"({self.settings.max_pending}); send them again later"
-            )
+        self._check_room(len(messages))
         loop = self._loop
         deadline = self.clock() + self.settings.publish_timeout
         waiters = []
@@ -163,14 +155,22 @@ class Committer:
         self._wakeup.set()
         return waiter
 
-    def _check_room(self) -> None:
+    def _check_room(self, more: int = 1) -> None:
+        """Refuse ``more`` messages, as retryable, while stopping or full."""
         if self._closing:
             raise ShuttingDown("the gateway is shutting down; send it again later")
         waiting = self._waiting()
-        if waiting >= self.settings.max_pending:
+        if waiting + more <= self.settings.max_pending:
+            return
+        if more == 1:
             raise Overloaded(
                 f"{waiting} messages are waiting for the brokers; send it again later"
             )
+        raise Overloaded(
+            f"{waiting} messages are waiting for the brokers; {more} more would "
+            f"exceed FANOUT_MAX_PENDING ({self.settings.max_pending}); send them "
+            "again later"
+        )
 
     def _parse_waiting(self) -> None:
         """Parse the bodies handed to :meth:`submit_body`, in order, into the

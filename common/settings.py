@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from common import tokens
@@ -774,8 +774,14 @@ def load_or_exit(environ: Mapping[str, str] | None = None) -> Settings:
     try:
         return load(environ)
     except ConfigError as exc:
-        print(f"fanout: bad setting {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_CONFIG) from None
+        exit_bad_setting(str(exc))
+
+
+def exit_bad_setting(reason: str) -> NoReturn:
+    """One line on stderr and the exit status that tells a supervisor not to
+    start the process again."""
+    print(f"fanout: bad setting {reason}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_CONFIG)
 
 
 def markdown_table() -> str:

@@ -31,7 +31,13 @@ import redis.asyncio as aioredis
 
 from common import cli, logs, runtime
 from common.audit import audit_entry
-from common.brokers import NatsLink, Written, redis_client, wait_for_redis
+from common.brokers import (
+    NatsLink,
+    Written,
+    first_of,
+    redis_client,
+    wait_for_redis,
+)
 from common.committer import BATCH_BYTES
 from common.consumer import confirm, retry, sort_batch, split_denied
 from common.message import Message, MessageIds, Parser
@@ -283,7 +289,7 @@ class RedisConsumer:
         cut the retries short.
         """
         while not self.nats.connected.is_set() and not self.stopping.is_set():
-            await _first(self.nats.connected.wait(), self.stopping.wait())
+            await first_of(self.nats.connected.wait(), self.stopping.wait())
         self.batches += 1
         count = 0 if self.stopping.is_set() else self.take_count
         skip_items = skip_batches = 0
@@ -316,7 +322,7 @@ class RedisConsumer:
         # without taking it; the next step moves it atomically.
         block = self.settings.redis_block_timeout
         try:
-            await _first(
+            await first_of(
                 self.waiter.blmove(
                     self.settings.ingress_list,
                     self.settings.ingress_list,
@@ -459,19 +465,6 @@ class RedisConsumer:
             self.delivered,
             self.dead_lettered,
         )
-
-
-async def _first(*aws) -> None:
-    """Wait for the first of ``aws`` to finish and cancel the rest."""
-    tasks = [asyncio.ensure_future(aw) for aw in aws]
-    try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            if not task.done():
-                task.cancel()
-    for task in done:
-        task.result()
 
 
 def main() -> None:

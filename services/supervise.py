@@ -30,7 +30,7 @@ def supervisor_environment(environ: dict[str, str]) -> dict[str, str]:
     if settings.consumer_name and settings.redis_consumers > 1:
         # supervisord gives every consumer the same environment: one name
         # would be one processing list, shared, its items delivered twice.
-        _refuse(
+        settings_module.exit_bad_setting(
             f"FANOUT_CONSUMER_NAME={settings.consumer_name!r} is set with "
             f"FANOUT_REDIS_CONSUMERS={settings.redis_consumers}: the consumers "
             "would share one processing list and deliver its items twice; "
@@ -56,14 +56,11 @@ def supervisor_environment(environ: dict[str, str]) -> dict[str, str]:
         try:
             Path(folder).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            _refuse(f"{env_name}: cannot create {folder} ({exc.strerror or exc})")
+            reason = exc.strerror or exc
+            settings_module.exit_bad_setting(
+                f"{env_name}: cannot create {folder} ({reason})"
+            )
     return env
-
-
-def _refuse(reason: str) -> None:
-    """One line, as for any bad setting, and the exit status that says so."""
-    print(f"fanout: bad setting {reason}", file=sys.stderr, flush=True)
-    raise SystemExit(settings_module.EXIT_CONFIG)
 
 
 def main() -> None:
