@@ -12,6 +12,7 @@ on that code.
 """
 
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,9 +22,15 @@ from urllib.parse import urlsplit
 from common import tokens
 from common.errors import ConfigError
 from common.message import subject_problem
-from common.policy import parse_patterns
+from common.policy import RESERVED_PREFIXES, parse_patterns
 
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
+MAX_CONSUMER_NAME = 64  # characters
+_CONSUMER_NAME = re.compile(r"[A-Za-z0-9._-]+", re.ASCII)
+# What a Redis consumer keeps beside the ingress list, each key named
+# <ingress list>:<kind>:<consumer name>: its processing list, its batch list
+# and its heartbeat (services/redis_consumer.py, RedisConsumer._keys).
+CONSUMER_KEY_KINDS = ("processing", "batches", "consumer")
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,25 @@ def _subject(text: str) -> str:
     problem = subject_problem(text)
     if problem:
         raise ValueError(f"not a NATS subject to publish to: it {problem}")
+    # The subjects no client may publish to are no ingress either: the
+    # gateway would listen on the server's own APIs or on others' replies.
+    for prefix, why in RESERVED_PREFIXES.items():
+        if text.startswith(prefix):
+            raise ValueError(
+                f"not a NATS subject for the ingress: it is reserved: {why}"
+            )
+    return text
+
+
+def _consumer_name(text: str) -> str:
+    # The name ends the consumer's Redis keys, which the other consumers find
+    # with a SCAN pattern, and it is in their log lines: no pattern
+    # characters, nothing that reads as two names.
+    if text and not (len(text) <= MAX_CONSUMER_NAME and _CONSUMER_NAME.fullmatch(text)):
+        raise ValueError(
+            f"must be 1 to {MAX_CONSUMER_NAME} letters, digits, '.', '_' or '-' "
+            "(or empty, for the default name)"
+        )
     return text
 
 
@@ -256,7 +282,7 @@ SETTINGS: tuple[Setting, ...] = (
         "NATS subject",
         "MESSAGES",
         _subject,
-        "NATS subject the NATS ingress subscribes to.",
+        "NATS subject the NATS ingress subscribes to; not under $ or _INBOX.",
     ),
     Setting(
         "log_list",
@@ -409,10 +435,11 @@ SETTINGS: tuple[Setting, ...] = (
         "FANOUT_CONSUMER_NAME",
         "string",
         "",
-        lambda text: text and _key(text),
-        "Name of a Redis consumer's processing list; one name per consumer "
-        "(`fanout run` refuses it with FANOUT_REDIS_CONSUMERS above 1). "
-        "Empty: host name and supervisord process name.",
+        _consumer_name,
+        "Name of a Redis consumer's processing list, up to 64 letters, digits, "
+        "., _ and -; one name per consumer (`fanout run` refuses it with "
+        "FANOUT_REDIS_CONSUMERS above 1). Empty: host name and supervisord "
+        "process name.",
     ),
     Setting(
         "consumer_ttl",
@@ -618,7 +645,7 @@ SETTINGS: tuple[Setting, ...] = (
         "path",
         "",
         _optional_file,
-        "CA bundle to verify Redis with, for a rediss:// URL.",
+        "CA bundle to verify Redis with; only with a rediss:// URL.",
     ),
     Setting(
         "redis_tls_cert",
@@ -626,7 +653,8 @@ SETTINGS: tuple[Setting, ...] = (
         "path",
         "",
         _optional_file,
-        "Client certificate for Redis TLS (with FANOUT_REDIS_TLS_KEY).",
+        "Client certificate for Redis TLS (with FANOUT_REDIS_TLS_KEY); only "
+        "with a rediss:// URL.",
     ),
     Setting(
         "redis_tls_key",
@@ -680,7 +708,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         values["redis_url"] = f"redis://127.0.0.1:{values['embedded_redis_port']}/0"
 
     _check_keys(values)
-    _check_credentials(values)
+    _check_tokens(values)
+    _check_nats_credentials(values)
+    _check_tls(values)
     _check_limits(values)
     _check_processes(values, embedded)
     return Settings(values, frozenset(embedded))
@@ -744,8 +774,34 @@ def _check_keys(values: Mapping[str, Any]) -> None:
             "the gateway would consume its own output"
         )
 
+    # A Redis consumer takes over every processing list it finds under the
+    # ingress list's name, and writes its batch list and heartbeat there: an
+    # audit log or dead-letter list among them would be re-ingested or
+    # overwritten.
+    for env in ("FANOUT_LOG_LIST", "FANOUT_DEAD_LIST"):
+        for kind in CONSUMER_KEY_KINDS:
+            prefix = f"{values['ingress_list']}:{kind}:"
+            if lists[env].startswith(prefix):
+                raise ConfigError(
+                    f"{env}={lists[env]!r}: starts with {prefix!r}, where the "
+                    "Redis consumers keep their own keys; a consumer would take "
+                    "it for one of its own"
+                )
 
-def _check_credentials(values: Mapping[str, Any]) -> None:
+
+def _check_tokens(values: Mapping[str, Any]) -> None:
+    # Each source was checked on its own; the HTTP and WebSocket processes
+    # take the two together.
+    try:
+        tokens.tokens_unique(
+            [*values["tokens_file"], *values["tokens"]],
+            "FANOUT_TOKENS_FILE and FANOUT_TOKENS",
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _check_nats_credentials(values: Mapping[str, Any]) -> None:
     ways = [
         env
         for env, name in (
@@ -756,6 +812,10 @@ def _check_credentials(values: Mapping[str, Any]) -> None:
         )
         if values[name]
     ]
+    # nats-py sends a URL's user or token only when no other way is set, so
+    # with both the URL's would be dropped without a word.
+    if any(_has_credentials(url) for url in values["nats_urls"]):
+        ways.insert(0, "credentials in FANOUT_NATS_URL")
     if len(ways) > 1:
         raise ConfigError(
             f"{' and '.join(ways)} are set together; the gateway authenticates "
@@ -763,10 +823,31 @@ def _check_credentials(values: Mapping[str, Any]) -> None:
         )
     if values["nats_password"] and not values["nats_user"]:
         raise ConfigError("FANOUT_NATS_PASSWORD is set without FANOUT_NATS_USER")
+    if values["nats_user"] and not values["nats_password"]:
+        raise ConfigError("FANOUT_NATS_USER is set without FANOUT_NATS_PASSWORD")
+
+
+def _has_credentials(url: str) -> bool:
+    parts = urlsplit(url)
+    return bool(parts.username or parts.password)
+
+
+def _check_tls(values: Mapping[str, Any]) -> None:
     for prefix in ("FANOUT_NATS_TLS", "FANOUT_REDIS_TLS"):
         name = prefix.lower().removeprefix("fanout_")
         if bool(values[f"{name}_cert"]) != bool(values[f"{name}_key"]):
             raise ConfigError(f"{prefix}_CERT and {prefix}_KEY go together")
+
+    # redis-py reads the TLS files only for a rediss:// URL; over redis:// (the
+    # embedded server's too) the connection would go out in clear text.
+    if values["redis_url"].startswith("rediss://"):
+        return
+    for env in ("FANOUT_REDIS_TLS_CA", "FANOUT_REDIS_TLS_CERT", "FANOUT_REDIS_TLS_KEY"):
+        if values[env.lower().removeprefix("fanout_")]:
+            raise ConfigError(
+                f"{env} is set, but FANOUT_REDIS_URL is not a rediss:// URL; the "
+                "TLS files would go unused"
+            )
 
 
 def load_or_exit(environ: Mapping[str, str] | None = None) -> Settings:

@@ -5,7 +5,8 @@ log (the value never appears there), the secret value, and optionally the
 comma-separated topic patterns this token may publish to. Entries come from
 the file ``FANOUT_TOKENS_FILE`` (one a line; a line starting with ``#`` is
 a comment) and from ``FANOUT_TOKENS`` (entries separated by ``;``), never
-from the command line, where any user of the host could read them.
+from the command line, where any user of the host could read them. No two
+tokens, from either source, share a name or a value.
 
 Only a SHA-256 digest of each value is kept; a presented value is hashed
 and compared with every digest in constant time, so neither the answer's
@@ -60,11 +61,19 @@ def parse_entries(entries: Iterable[str], where: str) -> tuple[Token, ...]:
 
 
 def tokens_unique(tokens: list[Token], where: str) -> tuple[Token, ...]:
-    seen: set[bytes] = set()
+    """``tokens``, or ValueError when two share a name or a value."""
+    names: set[str] = set()
+    digests: set[bytes] = set()
     for token in tokens:
-        if token.digest in seen:
+        if token.name in names:
+            raise ValueError(
+                f"{where}: two tokens are named {token.name}; the logs tell "
+                "tokens apart by name"
+            )
+        if token.digest in digests:
             raise ValueError(f"{where}: token {token.name} has the value of another")
-        seen.add(token.digest)
+        names.add(token.name)
+        digests.add(token.digest)
     return tuple(tokens)
 
 

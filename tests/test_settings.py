@@ -1,12 +1,16 @@
 """Settings: declared once, validated at startup, documented in the README."""
 
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 
 from common import settings
 from common.errors import ConfigError
+from services import redis_consumer
 from tests.support import BIN, ROOT
+
+README = str(ROOT / "README.md")  # a file that exists, for the file settings
 
 
 def test_readme_table_matches_the_declarations():
@@ -102,6 +106,82 @@ def test_cluster_url_list_is_split():
             "FANOUT_NATS_TLS_CA='/nonexistent/ca.pem': no such file: "
             "/nonexistent/ca.pem",
         ),
+        (
+            {"FANOUT_NATS_URL": "nats://fanout:pw@h:4222", "FANOUT_NATS_TOKEN": "t"},
+            "credentials in FANOUT_NATS_URL and FANOUT_NATS_TOKEN are set "
+            "together; the gateway authenticates to NATS in one way",
+        ),
+        (
+            {
+                "FANOUT_NATS_URL": "nats://h:4222, nats://secret@h2:4222",
+                "FANOUT_NATS_USER": "fanout",
+                "FANOUT_NATS_PASSWORD": "pw",
+            },
+            "credentials in FANOUT_NATS_URL and FANOUT_NATS_USER are set "
+            "together; the gateway authenticates to NATS in one way",
+        ),
+        (
+            {"FANOUT_NATS_USER": "fanout"},
+            "FANOUT_NATS_USER is set without FANOUT_NATS_PASSWORD",
+        ),
+        (
+            {"FANOUT_REDIS_URL": "redis://h:6379/0", "FANOUT_REDIS_TLS_CA": README},
+            "FANOUT_REDIS_TLS_CA is set, but FANOUT_REDIS_URL is not a rediss:// "
+            "URL; the TLS files would go unused",
+        ),
+        (
+            {"FANOUT_REDIS_TLS_CERT": README, "FANOUT_REDIS_TLS_KEY": README},
+            "FANOUT_REDIS_TLS_CERT is set, but FANOUT_REDIS_URL is not a rediss:// "
+            "URL; the TLS files would go unused",
+        ),
+        (
+            {"FANOUT_LOG_LIST": "MESSAGES:processing:c1"},
+            "FANOUT_LOG_LIST='MESSAGES:processing:c1': starts with "
+            "'MESSAGES:processing:', where the Redis consumers keep their own "
+            "keys; a consumer would take it for one of its own",
+        ),
+        (
+            {"FANOUT_INGRESS_LIST": "IN", "FANOUT_DEAD_LIST": "IN:batches:c1"},
+            "FANOUT_DEAD_LIST='IN:batches:c1': starts with 'IN:batches:', where "
+            "the Redis consumers keep their own keys; a consumer would take it for "
+            "one of its own",
+        ),
+        (
+            {"FANOUT_DEAD_LIST": "MESSAGES:consumer:c1"},
+            "FANOUT_DEAD_LIST='MESSAGES:consumer:c1': starts with "
+            "'MESSAGES:consumer:', where the Redis consumers keep their own keys; "
+            "a consumer would take it for one of its own",
+        ),
+        (
+            {
+                "FANOUT_TOKENS": f"billing {'a' * 16};shipping {'b' * 16};"
+                f"billing {'c' * 16}"
+            },
+            "FANOUT_TOKENS='***': FANOUT_TOKENS: two tokens are named billing; the "
+            "logs tell tokens apart by name",
+        ),
+        (
+            {"FANOUT_INGRESS_SUBJECT": "$SYS.x"},
+            "FANOUT_INGRESS_SUBJECT='$SYS.x': not a NATS subject for the ingress: it "
+            "is reserved: subjects starting with $ belong to the NATS server "
+            "(system, JetStream, key-value and object store APIs)",
+        ),
+        (
+            {"FANOUT_INGRESS_SUBJECT": "_INBOX.x"},
+            "FANOUT_INGRESS_SUBJECT='_INBOX.x': not a NATS subject for the ingress: "
+            "it is reserved: _INBOX. subjects carry replies addressed to other "
+            "clients",
+        ),
+        (
+            {"FANOUT_CONSUMER_NAME": "*"},
+            "FANOUT_CONSUMER_NAME='*': must be 1 to 64 letters, digits, '.', '_' "
+            "or '-' (or empty, for the default name)",
+        ),
+        (
+            {"FANOUT_CONSUMER_NAME": "c" * 65},
+            f"FANOUT_CONSUMER_NAME={'c' * 65!r}: must be 1 to 64 letters, digits, "
+            "'.', '_' or '-' (or empty, for the default name)",
+        ),
     ],
 )
 def test_bad_value_names_variable_and_value(env, error):
@@ -109,6 +189,57 @@ def test_bad_value_names_variable_and_value(env, error):
     with pytest.raises(ConfigError) as caught:
         settings.load(env)
     assert str(caught.value) == error
+
+
+def test_longest_consumer_name_is_taken():
+    """A consumer name of 64 letters, digits, '.', '_' and '-' is accepted."""
+    name = "redis-1_host.example" + "x" * 44
+    assert settings.load({"FANOUT_CONSUMER_NAME": name}).consumer_name == name
+
+
+def test_consumer_key_prefixes_are_the_consumers_own():
+    """The prefixes refused for the audit log and the dead-letter list are
+    those of every key a Redis consumer keeps."""
+    loaded = settings.load({"FANOUT_INGRESS_LIST": "IN"})
+    consumer = SimpleNamespace(settings=loaded)
+    keys = redis_consumer.RedisConsumer._keys(consumer, "c1")
+    prefixes = tuple(f"IN:{kind}:" for kind in settings.CONSUMER_KEY_KINDS)
+    assert [key.removesuffix("c1") for key in keys] == list(prefixes)
+
+
+def test_token_name_in_the_file_and_the_list_is_refused(tmp_path):
+    """A token name given in FANOUT_TOKENS_FILE and again in FANOUT_TOKENS is
+    refused, as is a value given in both (each process takes the two
+    together)."""
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text(f"# producers\nbilling {'a' * 16} billing.>\n")
+    env = {"FANOUT_TOKENS_FILE": str(tokens_file)}
+
+    with pytest.raises(ConfigError) as caught:
+        settings.load({**env, "FANOUT_TOKENS": f"billing {'b' * 16}"})
+    assert str(caught.value) == (
+        "FANOUT_TOKENS_FILE and FANOUT_TOKENS: two tokens are named billing; the "
+        "logs tell tokens apart by name"
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        settings.load({**env, "FANOUT_TOKENS": f"shipping {'a' * 16}"})
+    assert str(caught.value) == (
+        "FANOUT_TOKENS_FILE and FANOUT_TOKENS: token shipping has the value of another"
+    )
+
+
+def test_token_name_repeated_in_the_file_is_refused(tmp_path):
+    """A token name that repeats within the tokens file is refused, naming it."""
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text(f"billing {'a' * 16}\nbilling {'b' * 16} billing.>\n")
+
+    with pytest.raises(ConfigError) as caught:
+        settings.load({"FANOUT_TOKENS_FILE": str(tokens_file)})
+    assert str(caught.value) == (
+        f"FANOUT_TOKENS_FILE={str(tokens_file)!r}: FANOUT_TOKENS_FILE: two tokens "
+        "are named billing; the logs tell tokens apart by name"
+    )
 
 
 def test_password_in_a_bad_url_is_not_echoed():
