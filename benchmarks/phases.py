@@ -9,8 +9,10 @@ generator), so a row shows which process ran out of CPU first.
 import json
 import math
 import shutil
+import statistics
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from benchmarks.gateways import start_consumers, start_http, start_ws
@@ -35,6 +37,8 @@ WS_CONNS, WS_WINDOW = 8, 100  # connections, frames in flight on each
 SOAK_SHARE = 0.1  # of each ingress's maximum, offered during the soak
 SOAK_MOST = 1000  # messages/s per ingress at most during the soak
 PACED_SPARE = 2  # seconds a paced wrk run lasts past its schedule
+ROUNDS = 3  # alternating rounds of a maximum-rate row and its ceiling
+ROUND_LEAST = 2.0  # seconds, the shortest such round
 SETTLE_QUIET = 3.0  # seconds without a new arrival that end a phase
 BACKLOG_KEY = "bench:backlog"
 QUEUED_NOTE = "latency includes the time a message waited queued behind the others"
@@ -157,6 +161,17 @@ def measure(
     settle_timeout: float = 60.0,
 ) -> dict:
     """Run ``load()``, wait for its messages at the probe, record the row."""
+    return record(bench, observe(bench, row, gateway, load, settle_timeout))
+
+
+def observe(
+    bench: Bench,
+    row: dict,
+    gateway: dict[str, Proc],
+    load: Callable[[], dict],
+    settle_timeout: float = 60.0,
+) -> dict:
+    """``row`` filled in with one run of ``load()``, not yet recorded."""
     topic = row["topic"]
     monitor = Monitor({**gateway, **bench.infra})
     audit0, dead0 = _llen(bench, "MESSAGES:log"), _llen(bench, "MESSAGES:dead")
@@ -183,9 +198,18 @@ def measure(
     _generator_figures(row, sent, monitor)
     # The audit log is checked above; emptying it keeps valkey's memory flat.
     bench.brokers.client.unlink("MESSAGES:log")
+    return row
+
+
+def record(bench: Bench, row: dict) -> dict:
+    """Add a filled-in row to the run and print it; a row that nothing got
+    through means the harness broke."""
     bench.rows.append(row)
     _print_row(row)
-    if row["delivered"] == 0:
+    if row.get("delivered") is None:  # a ceiling: counted by its answers
+        if not row["answered"]:
+            raise HarnessError(f"{row['name']}: the ceiling answered nothing")
+    elif not row["delivered"]:
         raise HarnessError(f"{row['name']}: no message arrived at the probe")
     return row
 
@@ -219,10 +243,12 @@ def _print_row(row: dict) -> None:
     counted = (
         f"answered {row['answered']:,}" if arrived is None else f"arrived {arrived:,}"
     )
+    rounds = " / ".join(f"{rate:,.0f}" for rate in row.get("round_rates", ()))
     print(
         f"  {row['name']:<28} {row['rate']:>10,.0f} msg/s"
         f"  p99 {'-' if p99 is None else f'{p99:.2f} ms':>9}"
-        f"  sent {row['sent']:,} {counted}  errors {row['errors']}",
+        f"  sent {row['sent']:,} {counted}  errors {row['errors']}"
+        + (f"  (rounds {rounds})" if rounds else ""),
         flush=True,
     )
 
@@ -241,6 +267,13 @@ def measure_ceiling(
     bench: Bench, row: dict, procs: dict[str, Proc], load: Callable[[], dict]
 ) -> dict:
     """A ceiling has no probe: its rate is what its generator got through."""
+    return record(bench, observe_ceiling(bench, row, procs, load))
+
+
+def observe_ceiling(
+    bench: Bench, row: dict, procs: dict[str, Proc], load: Callable[[], dict]
+) -> dict:
+    """``row`` filled in with one run of a ceiling's ``load()``."""
     monitor = Monitor({**procs, **bench.infra})
     sent = load()
     usage = monitor.finish(sent["elapsed"])
@@ -255,35 +288,91 @@ def measure_ceiling(
         processes=usage,
     )
     _generator_figures(row, sent, monitor)
-    bench.rows.append(row)
-    _print_row(row)
-    if row["answered"] == 0:
-        raise HarnessError(f"{row['name']}: the ceiling answered nothing")
     return row
 
 
-def http_ceilings(bench: Bench) -> None:
-    plan, fleet, brokers = bench.plan, bench.fleet, bench.brokers
-    for workers in (1, 2):
-        proc, port = start_http(fleet, brokers, workers, ceiling=True)
-        job = wrk_job(port, "ceiling.http", plan.seconds, plan.max_count, 0)
-        row = new_row(f"ceiling http w{workers}", "http", "ceiling", workers)
-        measure_ceiling(bench, row, {"ceiling": proc},
-                        lambda job=job: _wrk(bench, job, plan.seconds))  # fmt: skip
-        fleet.stop(proc)
+def alternate(bench: Bench, ceiling_load: Callable, top_load: Callable) -> dict:
+    """Measure a ceiling and the maximum-rate row held against it in
+    :data:`ROUNDS` alternating rounds, the ceiling first in even rounds and
+    last in odd ones; record each as one row, and return the second.
+
+    ``ceiling_load()`` and ``top_load()`` give a new row, the processes to
+    measure and the load for one round. On this machine a rate drifts by a
+    tenth within a minute, and the two rows used to be measured a minute
+    apart: the HTTP ratio read 0.82, 0.61 and 0.70 in three runs of the same
+    code. Alternating gives both rows the same drift, and swapping the order
+    cancels a drift that keeps its direction.
+    """
+    ceilings, tops = [], []
+    turns = [
+        (ceilings, lambda: observe_ceiling(bench, *ceiling_load())),
+        (tops, lambda: observe(bench, *top_load())),
+    ]
+    for index in range(ROUNDS):
+        for done, run in turns if index % 2 == 0 else reversed(turns):
+            done.append(run())
+    record(bench, merge_rounds(ceilings))
+    return record(bench, merge_rounds(tops))
 
 
-def ws_ceiling(bench: Bench) -> None:
-    plan, fleet, brokers = bench.plan, bench.fleet, bench.brokers
-    proc, port = start_ws(fleet, brokers, ceiling=True)
-    command = loads_command(
-        "ws", f"ws://{LOOPBACK}:{port}/MESSAGES", "ceiling.ws", plan.max_count,
-        plan.seconds, 0, "--conns", str(WS_CONNS), "--window", str(WS_WINDOW),
-    )  # fmt: skip
-    row = new_row("ceiling ws", "ws", "ceiling", 1)
-    measure_ceiling(bench, row, {"ceiling": proc},
-                    lambda: _python_load(bench, command, plan.seconds))  # fmt: skip
-    fleet.stop(proc)
+def round_seconds(plan) -> float:
+    """How long each alternating round lasts."""
+    return max(ROUND_LEAST, plan.seconds / ROUNDS)
+
+
+# Counts and CPU seconds that the rounds of one row add up to.
+SUMMED = (
+    "sent", "answered", "delivered", "lost", "errors", "audit_entries",
+    "dead_lettered", "slow_consumer_errors", "host_cpu_s", "other_cpu_s",
+)  # fmt: skip
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One row from the rounds of one phase.
+
+    Counts and CPU seconds are added up and the rate is over the rounds'
+    load windows together; peak RSS is the highest, and of the latencies
+    the median p50 and the worst p99 and max are kept.
+    """
+    row = dict(rounds[0])
+    for key in SUMMED:
+        if row.get(key) is not None:
+            row[key] = round(sum(r[key] for r in rounds), 3)
+    window = sum(r["load_window_s"] for r in rounds)
+    row["load_window_s"] = round(window, 3)
+    weighted = sum(r["rate"] * r["load_window_s"] for r in rounds)
+    row["rate"] = round(weighted / window, 1) if window else 0.0
+    row["round_rates"] = [r["rate"] for r in rounds]
+    row["processes"] = {}
+    for name in rounds[0]["processes"]:
+        usages = [r["processes"][name] for r in rounds]
+        cpu = round(sum(u["cpu_s"] for u in usages), 3)
+        row["processes"][name] = {
+            "cpu_s": cpu,
+            "cpu_share": round(cpu / window, 3) if window else 0.0,
+            "peak_rss_mib": max(u["peak_rss_mib"] for u in usages),
+        }
+    cpu = round(sum(r["generator"]["cpu_s"] for r in rounds), 3)
+    elapsed = round(sum(r["generator"]["elapsed_s"] for r in rounds), 3)
+    row["generator"] = {
+        "cpu_s": cpu,
+        "cpu_share": round(cpu / elapsed, 3) if elapsed else None,
+        "elapsed_s": elapsed,
+    }
+    for key in ("latency_ms", "http_latency_ms"):
+        row[key] = _merged_latency([r.get(key) for r in rounds])
+    return row
+
+
+def _merged_latency(figures: list[dict | None]) -> dict | None:
+    known = [f for f in figures if f and f.get("p99") is not None]
+    if not known:
+        return figures[0]
+    return {
+        "p50": statistics.median(f["p50"] for f in known),
+        "p99": max(f["p99"] for f in known),
+        "max": max(f["max"] for f in known),
+    }
 
 
 def backend_ceilings(bench: Bench) -> None:
@@ -309,15 +398,29 @@ def backend_ceilings(bench: Bench) -> None:
 
 
 def http_phase(bench: Bench, proc: Proc, port: int, workers: int, rate: float):
+    """At ``rate`` messages a second, for the plan's seconds."""
+    return measure(bench, *http_load(bench, proc, port, workers, rate))
+
+
+def http_load(
+    bench: Bench,
+    proc: Proc,
+    port: int,
+    workers: int,
+    rate: float,
+    seconds: float | None = None,
+) -> tuple[dict, dict[str, Proc], Callable[[], dict]]:
+    """A new row, the processes measured and the load of one HTTP phase:
+    as fast as it can (``rate`` 0), or paced."""
     plan = bench.plan
+    seconds = seconds or plan.seconds
     mode = "half" if rate else "max"
     topic = f"bench.http.{mode}.w{workers}"
-    count = int(rate * plan.seconds) if rate else plan.max_count
-    job = wrk_job(port, topic, plan.seconds, count, rate)
+    count = int(rate * seconds) if rate else plan.max_count
+    job = wrk_job(port, topic, seconds, count, rate)
     row = new_row(f"http {mode} w{workers}", "http", mode, workers, topic=topic,
                   offered_rate=rate or None)  # fmt: skip
-    return measure(bench, row, {"fanout-http": proc},
-                   lambda: _wrk(bench, job, plan.seconds))  # fmt: skip
+    return row, {"fanout-http": proc}, lambda: _wrk(bench, job, seconds)
 
 
 def http_bulk_phase(bench: Bench, proc: Proc, port: int, workers: int) -> dict:
@@ -336,15 +439,34 @@ def http_bulk_phase(bench: Bench, proc: Proc, port: int, workers: int) -> dict:
     return measure(bench, row, {"fanout-http": proc}, load)
 
 
+def http_ceiling_load(
+    bench: Bench, proc: Proc, port: int, workers: int, seconds: float
+) -> tuple[dict, dict[str, Proc], Callable[[], dict]]:
+    """A new row, the process measured and the load of a Falcon ceiling round."""
+    job = wrk_job(port, "ceiling.http", seconds, bench.plan.max_count, 0)
+    row = new_row(f"ceiling http w{workers}", "http", "ceiling", workers)
+    return row, {"ceiling": proc}, lambda: _wrk(bench, job, seconds)
+
+
 def http_rows(bench: Bench) -> None:
+    """With 1 and 2 workers: the maximum beside the Falcon ceiling under the
+    same gunicorn options, alternating; with one worker, then half load and
+    bulk on the same processes, so that the three compare."""
+    fleet, brokers = bench.fleet, bench.brokers
+    seconds = round_seconds(bench.plan)
     for workers in (1, 2):
-        proc, port = start_http(bench.fleet, bench.brokers, workers)
-        top = http_phase(bench, proc, port, workers, 0)
+        ceiling, ceiling_port = start_http(fleet, brokers, workers, ceiling=True)
+        proc, port = start_http(fleet, brokers, workers)
+        top = alternate(
+            bench,
+            partial(http_ceiling_load, bench, ceiling, ceiling_port, workers, seconds),
+            partial(http_load, bench, proc, port, workers, 0, seconds),
+        )
+        fleet.stop(ceiling)
         if workers == 1:
             http_phase(bench, proc, port, workers, round(top["rate"] / 2))
-            # The same processes as the one-message row, so the two compare.
             http_bulk_phase(bench, proc, port, workers)
-        bench.fleet.stop(proc)
+        fleet.stop(proc)
 
 
 def ws_command(port: int, topic: str, count: int, seconds: float, rate: float):
@@ -356,21 +478,48 @@ def ws_command(port: int, topic: str, count: int, seconds: float, rate: float):
 
 
 def ws_phase(bench: Bench, proc: Proc, port: int, rate: float) -> dict:
+    """At ``rate`` messages a second, for the plan's seconds."""
+    return measure(bench, *ws_load(bench, proc, port, rate))
+
+
+def ws_load(
+    bench: Bench, proc: Proc, port: int, rate: float, seconds: float | None = None
+) -> tuple[dict, dict[str, Proc], Callable[[], dict]]:
+    """A new row, the processes measured and the load of one WebSocket phase."""
     plan = bench.plan
+    seconds = seconds or plan.seconds
     mode = "half" if rate else "max"
     topic = f"bench.ws.{mode}"
-    count = int(rate * plan.seconds) if rate else plan.max_count
-    command = ws_command(port, topic, count, plan.seconds, rate)
+    count = int(rate * seconds) if rate else plan.max_count
+    command = ws_command(port, topic, count, seconds, rate)
     row = new_row(f"ws {mode}", "ws", mode, 1, topic=topic, offered_rate=rate or None)
-    return measure(bench, row, {"fanout-ws": proc},
-                   lambda: _python_load(bench, command, plan.seconds))  # fmt: skip
+    return row, {"fanout-ws": proc}, lambda: _python_load(bench, command, seconds)
+
+
+def ws_ceiling_load(
+    bench: Bench, proc: Proc, port: int, seconds: float
+) -> tuple[dict, dict[str, Proc], Callable[[], dict]]:
+    """A new row, the process measured and the load of a websockets ceiling
+    round: the same generator, connections and window as the maximum."""
+    command = ws_command(port, "ceiling.ws", bench.plan.max_count, seconds, 0)
+    row = new_row("ceiling ws", "ws", "ceiling", 1)
+    return row, {"ceiling": proc}, lambda: _python_load(bench, command, seconds)
 
 
 def ws_rows(bench: Bench) -> None:
-    proc, port = start_ws(bench.fleet, bench.brokers)
-    top = ws_phase(bench, proc, port, 0)
+    """The maximum beside the websockets ceiling, alternating; then half load."""
+    fleet, brokers = bench.fleet, bench.brokers
+    seconds = round_seconds(bench.plan)
+    ceiling, ceiling_port = start_ws(fleet, brokers, ceiling=True)
+    proc, port = start_ws(fleet, brokers)
+    top = alternate(
+        bench,
+        partial(ws_ceiling_load, bench, ceiling, ceiling_port, seconds),
+        partial(ws_load, bench, proc, port, 0, seconds),
+    )
+    fleet.stop(ceiling)
     ws_phase(bench, proc, port, round(top["rate"] / 2))
-    bench.fleet.stop(proc)
+    fleet.stop(proc)
 
 
 def backlog_phase(bench: Bench, procs: dict[str, Proc]) -> dict:

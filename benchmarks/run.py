@@ -1,11 +1,13 @@
 """The load benchmark: ``python -m benchmarks.run [--quick] [--soak-seconds N]
 [--only INGRESS]``.
 
-One run starts its own nats-server and valkey on free loopback ports, then
-measures, one after the other, each front end right after its ceiling:
+One run starts its own nats-server and valkey (in memory) on free loopback
+ports, then measures, one after the other, each front end next to its
+ceiling:
 
-* the ceilings: a do-nothing Falcon app under the same gunicorn options, a
-  websockets server that only parses and answers, a bare nats-py publish
+* the ceilings: a do-nothing Falcon app under the same gunicorn options and
+  a websockets server that only parses and answers (each in rounds that
+  alternate with its front end's maximum-rate row), a bare nats-py publish
   loop and a bare pipelined RPUSH loop (before the Redis and NATS rows);
 * each ingress at its maximum rate, with 1 and 2 processes where the
   gateway scales by processes, and at half that maximum for latency;
@@ -100,13 +102,15 @@ def parse_args(argv: list[str]) -> Plan:
 
 
 def measure_all(bench: phases.Bench) -> None:
-    """Every phase, each front end right after the ceiling it is compared
-    with: figures on a shared machine drift over minutes, so a ceiling
-    measured next to its rows is the fairer yardstick."""
+    """Every phase, each front end next to the ceiling it is compared with:
+    figures on a shared machine drift over minutes, so a ceiling measured
+    next to its rows is the fairer yardstick. The HTTP and WebSocket
+    ceilings are measured in rounds alternating with the maximum-rate rows
+    (see phases.alternate); the backend ceilings just before the consumers."""
     wanted = bench.plan.only or INGRESSES
     rows = {
-        "http": (phases.http_ceilings, phases.http_rows),
-        "ws": (phases.ws_ceiling, phases.ws_rows),
+        "http": (None, phases.http_rows),
+        "ws": (None, phases.ws_rows),
         "redis": (phases.backend_ceilings,
                   lambda bench: phases.consumer_rows(bench, "redis")),
         "nats": (phases.backend_ceilings,
@@ -117,7 +121,7 @@ def measure_all(bench: phases.Bench) -> None:
         if ingress not in wanted:
             continue
         ceiling, ingress_rows = rows[ingress]
-        if ceiling not in measured:
+        if ceiling is not None and ceiling not in measured:
             print(f"ceilings for {ingress}")
             ceiling(bench)
             measured.add(ceiling)
