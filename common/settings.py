@@ -26,7 +26,7 @@ from common.policy import RESERVED_PREFIXES, parse_patterns
 
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
 MAX_CONSUMER_NAME = 64  # characters
-_CONSUMER_NAME = re.compile(r"[A-Za-z0-9._-]+", re.ASCII)
+_CONSUMER_NAME = re.compile(r"[A-Za-z0-9._:-]+", re.ASCII)
 # What a Redis consumer keeps beside the ingress list, each key named
 # <ingress list>:<kind>:<consumer name>: its processing list, its batch list
 # and its heartbeat (services/redis_consumer.py, RedisConsumer._keys).
@@ -183,11 +183,12 @@ def _subject(text: str) -> str:
 def _consumer_name(text: str) -> str:
     # The name ends the consumer's Redis keys, which the other consumers find
     # with a SCAN pattern, and it is in their log lines: no pattern
-    # characters, nothing that reads as two names.
+    # characters, nothing that reads as two names. ':' is allowed, as in the
+    # default name (host:process).
     if text and not (len(text) <= MAX_CONSUMER_NAME and _CONSUMER_NAME.fullmatch(text)):
         raise ValueError(
-            f"must be 1 to {MAX_CONSUMER_NAME} letters, digits, '.', '_' or '-' "
-            "(or empty, for the default name)"
+            f"must be 1 to {MAX_CONSUMER_NAME} letters, digits, '.', '_', ':' or "
+            "'-' (or empty, for the default name)"
         )
     return text
 
@@ -437,7 +438,7 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         _consumer_name,
         "Name of a Redis consumer's processing list, up to 64 letters, digits, "
-        "., _ and -; one name per consumer (`fanout run` refuses it with "
+        "., _, : and -; one name per consumer (`fanout run` refuses it with "
         "FANOUT_REDIS_CONSUMERS above 1). Empty: host name and supervisord "
         "process name.",
     ),

@@ -174,13 +174,13 @@ def test_cluster_url_list_is_split():
         ),
         (
             {"FANOUT_CONSUMER_NAME": "*"},
-            "FANOUT_CONSUMER_NAME='*': must be 1 to 64 letters, digits, '.', '_' "
-            "or '-' (or empty, for the default name)",
+            "FANOUT_CONSUMER_NAME='*': must be 1 to 64 letters, digits, '.', '_', "
+            "':' or '-' (or empty, for the default name)",
         ),
         (
             {"FANOUT_CONSUMER_NAME": "c" * 65},
             f"FANOUT_CONSUMER_NAME={'c' * 65!r}: must be 1 to 64 letters, digits, "
-            "'.', '_' or '-' (or empty, for the default name)",
+            "'.', '_', ':' or '-' (or empty, for the default name)",
         ),
     ],
 )
@@ -192,8 +192,9 @@ def test_bad_value_names_variable_and_value(env, error):
 
 
 def test_longest_consumer_name_is_taken():
-    """A consumer name of 64 letters, digits, '.', '_' and '-' is accepted."""
-    name = "redis-1_host.example" + "x" * 44
+    """A consumer name of 64 letters, digits, '.', '_', ':' and '-' is
+    accepted, the default name's form (host:process) among them."""
+    name = "host.example:fanout-redis_1" + "x" * 37
     assert settings.load({"FANOUT_CONSUMER_NAME": name}).consumer_name == name
 
 
