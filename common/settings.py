@@ -115,8 +115,10 @@ def _single_url(schemes: tuple[str, ...]) -> Callable[[str], str]:
 
 
 def _redis_url(text: str) -> str:
-    """One redis:// or rediss:// URL whose query redis-py understands."""
-    url = _single_url(("redis", "rediss"))(text)
+    """One redis:// or rediss:// URL whose query redis-py understands, its
+    scheme in lower case (the rest of the gateway tells TLS by it)."""
+    scheme, sep, rest = _single_url(("redis", "rediss"))(text).partition("://")
+    url = scheme.lower() + sep + rest
     from redis.asyncio.connection import Connection, SSLConnection, parse_url
 
     try:

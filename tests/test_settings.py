@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from common import settings
+from common import brokers, settings
 from common.errors import ConfigError
 from services import redis_consumer
 from tests.support import BIN, ROOT
@@ -241,6 +241,15 @@ def test_token_name_repeated_in_the_file_is_refused(tmp_path):
         f"FANOUT_TOKENS_FILE={str(tokens_file)!r}: FANOUT_TOKENS_FILE: two tokens "
         "are named billing; the logs tell tokens apart by name"
     )
+
+
+def test_redis_url_scheme_in_capitals_still_means_tls():
+    """REDISS:// is rediss://: its TLS files are taken, not refused as unused."""
+    loaded = settings.load(
+        {"FANOUT_REDIS_URL": "REDISS://h:6380/0", "FANOUT_REDIS_TLS_CA": README}
+    )
+    assert loaded.redis_url == "rediss://h:6380/0"
+    assert brokers.redis_credentials(loaded)["ssl_ca_certs"] == README
 
 
 def test_password_in_a_bad_url_is_not_echoed():
