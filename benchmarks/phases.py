@@ -153,15 +153,10 @@ def _llen(bench: Bench, key: str) -> int:
     return bench.brokers.client.llen(key)
 
 
-def measure(
-    bench: Bench,
-    row: dict,
-    gateway: dict[str, Proc],
-    load: Callable[[], dict],
-    settle_timeout: float = 60.0,
-) -> dict:
-    """Run ``load()``, wait for its messages at the probe, record the row."""
-    return record(bench, observe(bench, row, gateway, load, settle_timeout))
+def measure(bench: Bench, *args, **kwargs) -> dict:
+    """Run a load, wait for its messages at the probe, record the row
+    (the arguments of :func:`observe`)."""
+    return record(bench, observe(bench, *args, **kwargs))
 
 
 def observe(
@@ -263,17 +258,16 @@ def new_row(name: str, ingress: str, mode: str, processes: int, **extra) -> dict
     }
 
 
-def measure_ceiling(
-    bench: Bench, row: dict, procs: dict[str, Proc], load: Callable[[], dict]
-) -> dict:
-    """A ceiling has no probe: its rate is what its generator got through."""
-    return record(bench, observe_ceiling(bench, row, procs, load))
+def measure_ceiling(bench: Bench, *args) -> dict:
+    """Run a ceiling's load and record its row (see :func:`observe_ceiling`)."""
+    return record(bench, observe_ceiling(bench, *args))
 
 
 def observe_ceiling(
     bench: Bench, row: dict, procs: dict[str, Proc], load: Callable[[], dict]
 ) -> dict:
-    """``row`` filled in with one run of a ceiling's ``load()``."""
+    """``row`` filled in with one run of a ceiling's ``load()``: a ceiling
+    has no probe, its rate is what its generator got through."""
     monitor = Monitor({**procs, **bench.infra})
     sent = load()
     usage = monitor.finish(sent["elapsed"])
