@@ -24,8 +24,15 @@ def config_path() -> Path:
     return Path(os.environ.get("FANOUT_SUPERVISORD_CONF", ROOT / "supervisord.conf"))
 
 
-def supervisor_environment(environ: dict[str, str]) -> dict[str, str]:
-    """The environment supervisord and every Fanout process run with."""
+def supervisor_environment(
+    environ: dict[str, str], create_folders: bool = True
+) -> dict[str, str]:
+    """The environment supervisord and every Fanout process run with.
+
+    ``create_folders`` makes the log and run folders (and the one beside
+    the supervisord configuration); ``fanout ctl`` only talks to a
+    supervisord that made them already.
+    """
     settings = settings_module.load_or_exit(environ)
     if settings.consumer_name and settings.redis_consumers > 1:
         # supervisord gives every consumer the same environment: one name
@@ -36,6 +43,14 @@ def supervisor_environment(environ: dict[str, str]) -> dict[str, str]:
             "would share one processing list and deliver its items twice; "
             "leave the name unset (each takes its process name) or run one"
         )
+    conf = config_path()
+    if not conf.is_file():
+        where = (
+            "FANOUT_SUPERVISORD_CONF"
+            if "FANOUT_SUPERVISORD_CONF" in environ
+            else "FANOUT_SUPERVISORD_CONF (unset: the checkout's own)"
+        )
+        settings_module.exit_bad_setting(f"{where}: {conf} is not a file")
     env = dict(environ)
     env.update(
         FANOUT_LOG_DIR=settings.log_dir,
@@ -48,10 +63,17 @@ def supervisor_environment(environ: dict[str, str]) -> dict[str, str]:
     # Children are found on PATH: put this virtualenv's scripts first.
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+    if create_folders:
+        _create_folders(settings, conf)
+    return env
+
+
+def _create_folders(settings: settings_module.Settings, conf: Path) -> None:
+    """The log and run folders, and supervisord's own beside ``conf``."""
     for env_name, folder in (
         ("FANOUT_LOG_DIR", settings.log_dir),
         ("FANOUT_RUN_DIR", settings.run_dir),
-        ("FANOUT_SUPERVISORD_CONF", str(config_path().parent / "var" / "run")),
+        ("FANOUT_SUPERVISORD_CONF", str(conf.parent / "var" / "run")),
     ):
         try:
             Path(folder).mkdir(parents=True, exist_ok=True)
@@ -60,7 +82,6 @@ def supervisor_environment(environ: dict[str, str]) -> dict[str, str]:
             settings_module.exit_bad_setting(
                 f"{env_name}: cannot create {folder} ({reason})"
             )
-    return env
 
 
 def main() -> None:
@@ -79,7 +100,7 @@ def main() -> None:
         # An argument it does not know: exit 2, as the other programs do.
         print(USAGE, file=sys.stderr)
         raise SystemExit(2)
-    env = supervisor_environment(dict(os.environ))
+    env = supervisor_environment(dict(os.environ), create_folders=args[0] != "ctl")
     bin_dir = Path(sys.executable).parent
     conf = str(config_path())
     if args[0] == "ctl":

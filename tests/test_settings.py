@@ -11,6 +11,7 @@ from services import redis_consumer
 from tests.support import BIN, ROOT
 
 README = str(ROOT / "README.md")  # a file that exists, for the file settings
+SUPERVISORD_CONF = ROOT / "supervisord.conf"
 
 
 def test_readme_table_matches_the_declarations():
@@ -280,19 +281,58 @@ def test_every_process_exits_78_on_a_bad_setting(program):
 def _fanout_refusal(command: str, tmp_path, **values: str):
     """``fanout COMMAND`` with only the settings ``values`` and its files under
     ``tmp_path``; it must refuse before starting anything."""
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text(SUPERVISORD_CONF.read_text())
     env = {
         "PATH": str(BIN),
         "FANOUT_LOG_DIR": str(tmp_path / "log"),
         "FANOUT_RUN_DIR": str(tmp_path / "run"),
-        "FANOUT_SUPERVISORD_CONF": str(tmp_path / "supervisord.conf"),
+        "FANOUT_SUPERVISORD_CONF": str(conf),
         **values,
     }
     done = subprocess.run(
-        [str(BIN / "fanout"), command], env=env, capture_output=True, text=True,
-        timeout=20,
+        [str(BIN / "fanout"), *command.split()], env=env, capture_output=True,
+        text=True, timeout=20,
     )  # fmt: skip
     assert done.returncode == settings.EXIT_CONFIG, done.stderr
     return done.stderr
+
+
+def test_fanout_refuses_a_supervisord_conf_that_is_not_there(tmp_path):
+    """A FANOUT_SUPERVISORD_CONF naming no file is one line and exit 78, for
+    ctl as for run."""
+    missing = tmp_path / "elsewhere" / "supervisord.conf"
+    for command in ("run", "ctl status"):
+        error = _fanout_refusal(command, tmp_path, FANOUT_SUPERVISORD_CONF=str(missing))
+
+        assert error == (
+            f"fanout: bad setting FANOUT_SUPERVISORD_CONF: {missing} is not a file\n"
+        )
+        assert not (tmp_path / "log").exists() and not (tmp_path / "elsewhere").exists()
+
+
+def test_fanout_ctl_creates_no_folders(tmp_path):
+    """fanout ctl talks to a running supervisord; with none running it fails
+    without making the log, run or supervisord folders."""
+    conf = tmp_path / "conf" / "supervisord.conf"
+    conf.parent.mkdir()
+    conf.write_text(SUPERVISORD_CONF.read_text())
+    env = {
+        "PATH": str(BIN),
+        "FANOUT_LOG_DIR": str(tmp_path / "log"),
+        "FANOUT_RUN_DIR": str(tmp_path / "run"),
+        "FANOUT_SUPERVISORD_CONF": str(conf),
+    }
+    done = subprocess.run(
+        [str(BIN / "fanout"), "ctl", "status"], env=env, capture_output=True,
+        text=True, timeout=20,
+    )  # fmt: skip
+
+    assert done.returncode != 0  # no supervisord to talk to
+    assert sorted(path.name for path in tmp_path.rglob("*")) == [
+        "conf",
+        "supervisord.conf",
+    ]
 
 
 def test_fanout_refuses_one_consumer_name_for_several_consumers(tmp_path):
