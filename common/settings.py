@@ -13,6 +13,7 @@ on that code.
 
 import os
 import re
+import ssl
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -165,6 +166,58 @@ def _optional_file(text: str) -> str:
         what = "a folder, not a file" if os.path.isdir(path) else "no such file"
         raise ValueError(f"{what}: {path}")
     return path
+
+
+def _nkey_seed_file(text: str) -> str:
+    # nats-py reads the seed only when it connects, and a bad one raised out
+    # of its connect: the process died with a traceback, and was restarted.
+    path = _optional_file(text)
+    if path and not _is_seed(_read(path).strip()):
+        raise ValueError("holds no NKey seed (one line, starting with S)")
+    return path
+
+
+def _creds_file(text: str) -> str:
+    # Read by nats-py only when it connects; one without its JWT line made
+    # nats-py's reader loop for ever.
+    path = _optional_file(text)
+    if not path:
+        return ""
+    lines = _read(path).splitlines()
+    if not _line_after(lines, b"-----BEGIN NATS USER JWT-----"):
+        raise ValueError("holds no user JWT (-----BEGIN NATS USER JWT----- block)")
+    if not _is_seed(_line_after(lines, b"-----BEGIN USER NKEY SEED-----")):
+        raise ValueError(
+            "holds no user NKey seed (-----BEGIN USER NKEY SEED----- block)"
+        )
+    return path
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read it ({exc.strerror or exc})") from None
+
+
+def _line_after(lines: list[bytes], marker: bytes) -> bytes:
+    """The line after the first that holds ``marker``, stripped; b"" if none."""
+    for line, following in zip(lines, lines[1:], strict=False):
+        if marker in line:
+            return following.strip()
+    return b""
+
+
+def _is_seed(seed: bytes) -> bool:
+    """Whether nkeys (nats-py's own NKey library) takes ``seed``."""
+    import nkeys
+
+    try:
+        nkeys.from_seed(bytearray(seed)).wipe()
+    except (nkeys.NkeysError, ValueError):
+        return False
+    return True
 
 
 def _subject(text: str) -> str:
@@ -589,7 +642,7 @@ SETTINGS: tuple[Setting, ...] = (
         "FANOUT_NATS_NKEY_SEED_FILE",
         "path",
         "",
-        _optional_file,
+        _nkey_seed_file,
         "File holding the gateway's NKey seed, for NKey auth.",
     ),
     Setting(
@@ -597,7 +650,7 @@ SETTINGS: tuple[Setting, ...] = (
         "FANOUT_NATS_CREDS_FILE",
         "path",
         "",
-        _optional_file,
+        _creds_file,
         "A .creds file (user JWT and NKey seed), for decentralized auth.",
     ),
     Setting(
@@ -843,14 +896,54 @@ def _check_tls(values: Mapping[str, Any]) -> None:
 
     # redis-py reads the TLS files only for a rediss:// URL; over redis:// (the
     # embedded server's too) the connection would go out in clear text.
-    if values["redis_url"].startswith("rediss://"):
+    if not values["redis_url"].startswith("rediss://"):
+        for env in (
+            "FANOUT_REDIS_TLS_CA",
+            "FANOUT_REDIS_TLS_CERT",
+            "FANOUT_REDIS_TLS_KEY",
+        ):
+            if values[env.lower().removeprefix("fanout_")]:
+                raise ConfigError(
+                    f"{env} is set, but FANOUT_REDIS_URL is not a rediss:// URL; "
+                    "the TLS files would go unused"
+                )
+
+    for prefix in ("FANOUT_NATS_TLS", "FANOUT_REDIS_TLS"):
+        _check_tls_files(prefix, values)
+
+
+def _check_tls_files(prefix: str, values: Mapping[str, Any]) -> None:
+    """The TLS files load as OpenSSL will load them for each connection.
+
+    A file that does not would fail every connection, and the clients retry
+    a failed connection as an outage: the log would say the broker is
+    unreachable for as long as the gateway runs.
+    """
+    name = prefix.lower().removeprefix("fanout_")
+    ca, cert, key = (values[f"{name}_{part}"] for part in ("ca", "cert", "key"))
+    if not (ca or cert):
         return
-    for env in ("FANOUT_REDIS_TLS_CA", "FANOUT_REDIS_TLS_CERT", "FANOUT_REDIS_TLS_KEY"):
-        if values[env.lower().removeprefix("fanout_")]:
+    try:
+        context = ssl.create_default_context(cafile=ca or None)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"{prefix}_CA={ca!r}: OpenSSL finds no CA certificate in it "
+            f"({_openssl_reason(exc)})"
+        ) from exc
+    if cert:
+        try:
+            context.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
             raise ConfigError(
-                f"{env} is set, but FANOUT_REDIS_URL is not a rediss:// URL; the "
-                "TLS files would go unused"
-            )
+                f"{prefix}_CERT={cert!r} and {prefix}_KEY={key!r}: OpenSSL cannot "
+                f"load them as a certificate and its private key "
+                f"({_openssl_reason(exc)})"
+            ) from exc
+
+
+def _openssl_reason(exc: Exception) -> str:
+    """OpenSSL's own words, without the line of CPython's source."""
+    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", str(exc))
 
 
 def load_or_exit(environ: Mapping[str, str] | None = None) -> Settings:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 import redis
 
+from tests.pki import Pki, make_pki
 from tests.support import (
     BIN,
     ROOT,
@@ -194,3 +195,12 @@ def stack(tmp_path):
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(40)
+
+
+@pytest.fixture
+def pki(tmp_path) -> Pki:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client
+    certificate, in the test's tmp_path."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    return make_pki(tmp_path)

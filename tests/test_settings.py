@@ -1,8 +1,10 @@
 """Settings: declared once, validated at startup, documented in the README."""
 
+import os
 import subprocess
 from types import SimpleNamespace
 
+import nkeys
 import pytest
 
 from common import brokers, settings
@@ -106,6 +108,22 @@ def test_cluster_url_list_is_split():
             {"FANOUT_NATS_TLS_CA": "/nonexistent/ca.pem"},
             "FANOUT_NATS_TLS_CA='/nonexistent/ca.pem': no such file: "
             "/nonexistent/ca.pem",
+        ),
+        (
+            {"FANOUT_NATS_TLS_CA": README},
+            f"FANOUT_NATS_TLS_CA={README!r}: OpenSSL finds no CA certificate in "
+            "it ([X509: NO_CERTIFICATE_OR_CRL_FOUND] no certificate or crl found)",
+        ),
+        (
+            {"FANOUT_REDIS_URL": "rediss://h:6380/0", "FANOUT_REDIS_TLS_CA": README},
+            f"FANOUT_REDIS_TLS_CA={README!r}: OpenSSL finds no CA certificate in "
+            "it ([X509: NO_CERTIFICATE_OR_CRL_FOUND] no certificate or crl found)",
+        ),
+        (
+            {"FANOUT_NATS_TLS_CERT": README, "FANOUT_NATS_TLS_KEY": README},
+            f"FANOUT_NATS_TLS_CERT={README!r} and FANOUT_NATS_TLS_KEY={README!r}: "
+            "OpenSSL cannot load them as a certificate and its private key "
+            "([SSL] PEM lib)",
         ),
         (
             {"FANOUT_NATS_URL": "nats://fanout:pw@h:4222", "FANOUT_NATS_TOKEN": "t"},
@@ -244,13 +262,95 @@ def test_token_name_repeated_in_the_file_is_refused(tmp_path):
     )
 
 
-def test_redis_url_scheme_in_capitals_still_means_tls():
+def test_redis_url_scheme_in_capitals_still_means_tls(pki):
     """REDISS:// is rediss://: its TLS files are taken, not refused as unused."""
     loaded = settings.load(
-        {"FANOUT_REDIS_URL": "REDISS://h:6380/0", "FANOUT_REDIS_TLS_CA": README}
+        {"FANOUT_REDIS_URL": "REDISS://h:6380/0", "FANOUT_REDIS_TLS_CA": str(pki.ca)}
     )
     assert loaded.redis_url == "rediss://h:6380/0"
-    assert brokers.redis_credentials(loaded)["ssl_ca_certs"] == README
+    assert brokers.redis_credentials(loaded)["ssl_ca_certs"] == str(pki.ca)
+
+
+def _user_seed() -> str:
+    return nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode()
+
+
+def test_nkey_files_nats_py_can_read_are_taken(tmp_path):
+    """A seed file, and a creds file with its JWT and seed blocks, load."""
+    seed_file, creds_file = tmp_path / "user.nk", tmp_path / "user.creds"
+    seed_file.write_text(_user_seed() + "\n")
+    creds_file.write_text(
+        "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QifQ.e30.c2ln\n"
+        "------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{_user_seed()}\n"
+        "------END USER NKEY SEED------\n"
+    )
+
+    assert settings.load({"FANOUT_NATS_NKEY_SEED_FILE": str(seed_file)})
+    assert settings.load({"FANOUT_NATS_CREDS_FILE": str(creds_file)})
+
+
+@pytest.mark.parametrize(
+    "variable, content, problem",
+    [
+        (
+            "FANOUT_NATS_NKEY_SEED_FILE",
+            "not a seed\n",
+            "holds no NKey seed (one line, starting with S)",
+        ),
+        (
+            "FANOUT_NATS_CREDS_FILE",
+            "-----BEGIN USER NKEY SEED-----\nSUA\n",
+            "holds no user JWT (-----BEGIN NATS USER JWT----- block)",
+        ),
+        (
+            "FANOUT_NATS_CREDS_FILE",
+            "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QifQ.e30.c2ln\n",
+            "holds no user NKey seed (-----BEGIN USER NKEY SEED----- block)",
+        ),
+    ],
+)
+def test_nkey_file_nats_py_cannot_read_is_refused(tmp_path, variable, content, problem):
+    """nats-py reads these only when connecting (a bad seed killed the process
+    there): they are checked at startup, and the problem named."""
+    bad = tmp_path / "bad"
+    bad.write_text(content)
+
+    with pytest.raises(ConfigError) as caught:
+        settings.load({variable: str(bad)})
+    assert str(caught.value) == f"{variable}={str(bad)!r}: {problem}"
+
+
+def test_tls_files_openssl_can_load_are_taken(pki):
+    """A CA bundle, and a certificate with its own key, load for both brokers."""
+    files = {"CA": pki.ca, "CERT": pki.client_cert, "KEY": pki.client_key}
+    environ = {"FANOUT_REDIS_URL": "rediss://h:6380/0"}
+    for broker in ("NATS", "REDIS"):
+        environ.update({f"FANOUT_{broker}_TLS_{k}": str(v) for k, v in files.items()})
+
+    loaded = settings.load(environ)
+
+    assert (loaded.nats_tls_cert, loaded.redis_tls_key) == (
+        str(pki.client_cert),
+        str(pki.client_key),
+    )
+
+
+def test_certificate_with_another_certificates_key_is_refused(pki):
+    """The client certificate with the server's key is a bad setting, named."""
+    with pytest.raises(ConfigError) as caught:
+        settings.load(
+            {
+                "FANOUT_NATS_TLS_CERT": str(pki.client_cert),
+                "FANOUT_NATS_TLS_KEY": str(pki.server_key),
+            }
+        )
+    assert str(caught.value).startswith(
+        f"FANOUT_NATS_TLS_CERT={str(pki.client_cert)!r} and "
+        f"FANOUT_NATS_TLS_KEY={str(pki.server_key)!r}: OpenSSL cannot load them as "
+        "a certificate and its private key ("
+    )
+    assert "KEY_VALUES_MISMATCH" in str(caught.value)
 
 
 def test_password_in_a_bad_url_is_not_echoed():
