@@ -378,10 +378,11 @@ def test_every_process_exits_78_on_a_bad_setting(program):
     )
 
 
-def _fanout_refusal(command: str, tmp_path, **values: str):
-    """``fanout COMMAND`` with only the settings ``values`` and its files under
-    ``tmp_path``; it must refuse before starting anything."""
-    conf = tmp_path / "supervisord.conf"
+def _run_fanout(command: str, tmp_path, **values: str) -> subprocess.CompletedProcess:
+    """``fanout COMMAND`` with only the settings ``values``, its folders under
+    ``tmp_path`` and a copy of supervisord.conf in ``tmp_path / "conf"``."""
+    conf = tmp_path / "conf" / "supervisord.conf"
+    conf.parent.mkdir(exist_ok=True)
     conf.write_text(SUPERVISORD_CONF.read_text())
     env = {
         "PATH": str(BIN),
@@ -390,10 +391,16 @@ def _fanout_refusal(command: str, tmp_path, **values: str):
         "FANOUT_SUPERVISORD_CONF": str(conf),
         **values,
     }
-    done = subprocess.run(
+    return subprocess.run(
         [str(BIN / "fanout"), *command.split()], env=env, capture_output=True,
         text=True, timeout=20,
     )  # fmt: skip
+
+
+def _fanout_refusal(command: str, tmp_path, **values: str) -> str:
+    """What ``fanout COMMAND`` (see :func:`_run_fanout`) printed; it must
+    refuse with exit 78 before starting anything."""
+    done = _run_fanout(command, tmp_path, **values)
     assert done.returncode == settings.EXIT_CONFIG, done.stderr
     return done.stderr
 
@@ -414,19 +421,7 @@ def test_fanout_refuses_a_supervisord_conf_that_is_not_there(tmp_path):
 def test_fanout_ctl_creates_no_folders(tmp_path):
     """fanout ctl talks to a running supervisord; with none running it fails
     without making the log, run or supervisord folders."""
-    conf = tmp_path / "conf" / "supervisord.conf"
-    conf.parent.mkdir()
-    conf.write_text(SUPERVISORD_CONF.read_text())
-    env = {
-        "PATH": str(BIN),
-        "FANOUT_LOG_DIR": str(tmp_path / "log"),
-        "FANOUT_RUN_DIR": str(tmp_path / "run"),
-        "FANOUT_SUPERVISORD_CONF": str(conf),
-    }
-    done = subprocess.run(
-        [str(BIN / "fanout"), "ctl", "status"], env=env, capture_output=True,
-        text=True, timeout=20,
-    )  # fmt: skip
+    done = _run_fanout("ctl status", tmp_path)
 
     assert done.returncode != 0  # no supervisord to talk to
     assert sorted(path.name for path in tmp_path.rglob("*")) == [
