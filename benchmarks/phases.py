@@ -233,7 +233,8 @@ def _arrival_rate(stats: dict) -> float:
 
 def _print_row(row: dict) -> None:
     """One progress line; a ceiling has no arrivals, only answers."""
-    p99 = (row.get("latency_ms") or {}).get("p99")
+    # A backlog's or burst's latency is mostly time queued: not shown.
+    p99 = None if row.get("latency_note") else (row.get("latency_ms") or {}).get("p99")
     arrived = row.get("delivered")
     counted = (
         f"answered {row['answered']:,}" if arrived is None else f"arrived {arrived:,}"

@@ -153,8 +153,9 @@ def print_table(rows: list[dict]) -> None:
             f"{rss:>7.1f} {_share(row['generator']['cpu_share']):>7} "
             f"{row['other_cpu_s']:>6.1f}  {_gateway_cpu(row)}"
         )
+    if any(row.get("latency_note") for row in rows):
+        print("backlog and burst rows: latency includes time queued, so not shown.")
     print(
-        "backlog and burst rows: latency includes time queued, so not shown.\n"
         "gen cpu: the load generator's CPU share (1.00 = one core); other: CPU\n"
         "seconds used meanwhile by processes outside the benchmark, the\n"
         "harness included; busy processes elsewhere make every figure lower."

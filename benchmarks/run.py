@@ -37,6 +37,8 @@ from benchmarks import phases, report, soak
 from benchmarks.servers import ROOT, Brokers, Fleet, HarnessError, ProbeClient
 
 RESULTS = Path(__file__).resolve().parent / "results"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+BACKLOG_LEAST = 1000  # messages; a smaller burst drains too fast to time
 WRK_MISSING = (
     "wrk is not installed; it drives the HTTP load. Install it with\n"
     "  sudo apt-get update && sudo apt-get install -y wrk\n"
@@ -91,12 +93,17 @@ def parse_args(argv: list[str]) -> Plan:
     if args.only:
         plan = Plan(**{**asdict(plan), "only": tuple(args.only), "soak_seconds": 0})
     if args.backlog is not None:
-        if args.backlog < 1:
-            parser.error("--backlog must be 1 or more")
+        if args.backlog < BACKLOG_LEAST:
+            parser.error(
+                f"--backlog must be {BACKLOG_LEAST} or more; a smaller backlog "
+                "drains too fast to time"
+            )
         plan = Plan(**{**asdict(plan), "backlog": args.backlog})
     if args.soak_seconds is not None:
         if args.soak_seconds < 0:
             parser.error("--soak-seconds must be 0 or more")
+        if args.only and args.soak_seconds > 0:
+            parser.error("the soak loads all four front ends; not with --only")
         plan = Plan(**{**asdict(plan), "soak_seconds": args.soak_seconds})
     return plan
 
@@ -142,6 +149,10 @@ def run(plan: Plan, work_dir: Path) -> dict:
         bench = phases.Bench(plan, fleet, brokers, probe)
         measure_all(bench)
     finally:
+        # A second Ctrl-C must not cut the stopping short: the processes not
+        # yet stopped would run on, each in a session of its own.
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
         fleet.stop_all()
     return {
         "mode": plan.mode,
@@ -156,38 +167,95 @@ def run(plan: Plan, work_dir: Path) -> dict:
     }
 
 
+class Interrupted(Exception):
+    """A stop signal arrived; ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 def _interrupted(signum, frame):
     # The harness is a plain loop, not a server: unwinding through the
     # finally blocks is what stops every process it started.
-    raise KeyboardInterrupt
+    raise Interrupted(signum)
+
+
+def _on_stop_signals() -> None:
+    """INT, TERM and HUP (a closed terminal) stop the run; a HUP that is
+    ignored already (nohup) stays ignored."""
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _interrupted)
+
+
+class _Copied:
+    """Standard output, copied to a file as it is written."""
+
+    def __init__(self, stream, copy):
+        self.stream, self.copy = stream, copy
+
+    def write(self, text: str) -> int:
+        self.copy.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.copy.flush()
+        self.stream.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
     plan = parse_args(sys.argv[1:] if argv is None else argv)
-    if shutil.which("wrk") is None:
+    if "http" in (plan.only or INGRESSES) and shutil.which("wrk") is None:
         print(WRK_MISSING, file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _interrupted)
+    _on_stop_signals()
+    RESULTS.mkdir(exist_ok=True)
+    if plan.only:
+        return _run_and_report(plan)
+
+    # What the terminal shows of a run over all four front ends becomes
+    # latest.txt, once the run completes.
+    text = RESULTS / "latest.txt.tmp"
+    with text.open("w") as copy:
+        terminal, sys.stdout = sys.stdout, _Copied(sys.stdout, copy)
+        try:
+            status = _run_and_report(plan)
+        finally:
+            sys.stdout = terminal
+    if status == 0:
+        text.replace(RESULTS / "latest.txt")
+    else:
+        text.unlink()
+    return status
+
+
+def _run_and_report(plan: Plan) -> int:
     work_dir = Path(tempfile.mkdtemp(prefix="fanout-bench-"))
-    print(f"logs in {work_dir}")
+    print(f"logs in {work_dir} (removed after a run that completes)")
     try:
         results = run(plan, work_dir)
     except HarnessError as exc:
         print(f"benchmark harness failed: {exc}", file=sys.stderr)
+        print(f"logs kept in {work_dir}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted; every process started was stopped", file=sys.stderr)
-        return 130
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(
+            f"interrupted ({signal.Signals(signum).name}); every process started "
+            f"was stopped; logs kept in {work_dir}",
+            file=sys.stderr,
+        )
+        return 128 + signum
     results["targets"] = report.targets(results["rows"])
     report.print_all(results)
-    RESULTS.mkdir(exist_ok=True)
     if plan.only:
         report.write_json(results, RESULTS / "partial.json")
         print(f"wrote {RESULTS / 'partial.json'}")
     else:
         report.write_json(results, RESULTS / "latest.json")
         report.write_chart(results, RESULTS / "latest.png")
-        print(f"wrote {RESULTS / 'latest.json'} and {RESULTS / 'latest.png'}")
+        print(f"wrote {RESULTS / 'latest.json'}, latest.png and latest.txt")
     shutil.rmtree(work_dir, ignore_errors=True)
     return 0
 

@@ -220,15 +220,22 @@ class Monitor:
         self._thread.start()
 
     def _sample(self) -> None:
+        # Sampled at the start as well as every interval (and once more by
+        # finish): a backlog can drain in a tenth of a second, shorter than
+        # the interval, and its row would show no peak at all.
         next_trend = time.monotonic()
+        self._note_rss()
         while not self._done.wait(SAMPLE_EVERY):
-            for name, rss in self.rss().items():
-                self.peak_rss[name] = max(self.peak_rss[name], rss)
+            self._note_rss()
             if self.trend_every and time.monotonic() >= next_trend:
                 next_trend += self.trend_every
                 sizes = {k: round(v / 2**20, 1) for k, v in self.rss_each().items()}
                 at = round(time.monotonic() - self._t0, 1)
                 self.trend.append({"at_s": at, **sizes})
+
+    def _note_rss(self) -> None:
+        for name, rss in self.rss().items():
+            self.peak_rss[name] = max(self.peak_rss[name], rss)
 
     def rss_each(self) -> dict[str, int]:
         """Current RSS in bytes of every process, children included."""
@@ -257,6 +264,7 @@ class Monitor:
         """
         self._done.set()
         self._thread.join()
+        self._note_rss()
         window = window or (time.monotonic() - self._t0)
         out = {}
         for name, proc in self.procs.items():

@@ -1,6 +1,15 @@
-"""The benchmark adds up alternating rounds into one row faithfully."""
+"""The benchmark harness: rounds added up faithfully, and a run stopped by
+the user stops everything it started."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
 
 from benchmarks.phases import merge_rounds
+from tests.support import ROOT
 
 
 def _round(rate, window, count, cpu, rss, latency):
@@ -55,3 +64,40 @@ def test_merged_latency_keeps_the_median_p50_and_the_worst_tail():
     )
     assert row["latency_ms"] == {"p50": 2.0, "p99": 7.0, "max": 9.0}
     assert row["http_latency_ms"] is None
+
+
+def test_a_second_interrupt_still_stops_every_process():
+    """Ctrl-C twice in a row, as a user presses it, leaves nothing of the
+    run behind, and the run says it stopped everything."""
+    run = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "nats"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # The brokers, the probe and the bare publish loop are up by then.
+        for line in run.stdout:
+            if line.startswith("ceilings for nats"):
+                break
+        started = psutil.Process(run.pid).children(recursive=True)
+        run.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        _, errors = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+
+    assert run.returncode == 130
+    assert "interrupted (SIGINT); every process started was stopped" in errors
+    assert len(started) >= 3  # nats-server, valkey and the probe at least
+    assert [p.pid for p in started if _alive(p)] == []
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
