@@ -224,7 +224,9 @@ def _subject(text: str) -> str:
     _key(text)
     problem = subject_problem(text)
     if problem:
-        raise ValueError(f"not a NATS subject to publish to: it {problem}")
+        raise ValueError(
+            f"not a NATS subject the ingress can subscribe to: it {problem}"
+        )
     # The subjects no client may publish to are no ingress either: the
     # gateway would listen on the server's own APIs or on others' replies.
     for prefix, why in RESERVED_PREFIXES.items():
@@ -242,8 +244,8 @@ def _consumer_name(text: str) -> str:
     # default name (host:process).
     if text and not (len(text) <= MAX_CONSUMER_NAME and _CONSUMER_NAME.fullmatch(text)):
         raise ValueError(
-            f"must be 1 to {MAX_CONSUMER_NAME} letters, digits, '.', '_', ':' or "
-            "'-' (or empty, for the default name)"
+            f"must be 1 to {MAX_CONSUMER_NAME} ASCII letters, digits, '.', '_', "
+            "':' or '-' (or empty, for the default name)"
         )
     return text
 
@@ -492,8 +494,8 @@ SETTINGS: tuple[Setting, ...] = (
         "string",
         "",
         _consumer_name,
-        "Name of a Redis consumer's processing list, up to 64 letters, digits, "
-        "., _, : and -; one name per consumer (`fanout run` refuses it with "
+        "Name of a Redis consumer's processing list, up to 64 ASCII letters, "
+        "digits, ., _, : and -; one name per consumer (`fanout run` refuses it with "
         "FANOUT_REDIS_CONSUMERS above 1). Empty: host name and supervisord "
         "process name.",
     ),
@@ -766,7 +768,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     _check_keys(values)
     _check_tokens(values)
     _check_nats_credentials(values)
-    _check_tls(values)
+    _check_tls(values, embedded)
     _check_limits(values)
     _check_processes(values, embedded)
     return Settings(values, frozenset(embedded))
@@ -824,10 +826,14 @@ def _check_keys(values: Mapping[str, Any]) -> None:
     repeat = _first_repeat(lists)
     if repeat:
         first, env, key = repeat
-        raise ConfigError(
-            f"{env}={key!r}: same Redis key as {first}; the ingress list, the "
-            "audit log and the dead-letter list must be different lists, or "
+        why = (
             "the gateway would consume its own output"
+            if first == "FANOUT_INGRESS_LIST"
+            else "audit entries and dead letters would be mixed in one list"
+        )
+        raise ConfigError(
+            f"{first} and {env} are both {key!r}; the ingress list, the audit "
+            f"log and the dead-letter list must be different lists, or {why}"
         )
 
     # A Redis consumer takes over every processing list it finds under the
@@ -888,7 +894,7 @@ def _has_credentials(url: str) -> bool:
     return bool(parts.username or parts.password)
 
 
-def _check_tls(values: Mapping[str, Any]) -> None:
+def _check_tls(values: Mapping[str, Any], embedded: set[str]) -> None:
     for prefix in ("FANOUT_NATS_TLS", "FANOUT_REDIS_TLS"):
         name = prefix.lower().removeprefix("fanout_")
         if bool(values[f"{name}_cert"]) != bool(values[f"{name}_key"]):
@@ -903,9 +909,14 @@ def _check_tls(values: Mapping[str, Any]) -> None:
             "FANOUT_REDIS_TLS_KEY",
         ):
             if values[env.lower().removeprefix("fanout_")]:
+                url = (
+                    "FANOUT_REDIS_URL is unset (the embedded Redis takes plain "
+                    "redis://)"
+                    if "redis" in embedded
+                    else "FANOUT_REDIS_URL is not a rediss:// URL"
+                )
                 raise ConfigError(
-                    f"{env} is set, but FANOUT_REDIS_URL is not a rediss:// URL; "
-                    "the TLS files would go unused"
+                    f"{env} is set, but {url}; the TLS files would go unused"
                 )
 
     for prefix in ("FANOUT_NATS_TLS", "FANOUT_REDIS_TLS"):

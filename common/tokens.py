@@ -37,8 +37,9 @@ def _digest(value: str) -> bytes:
     return hashlib.sha256(value.encode()).digest()
 
 
-def parse_entries(entries: Iterable[str], where: str) -> tuple[Token, ...]:
-    """Tokens from ``NAME VALUE [PATTERNS]`` entries; errors never quote a value."""
+def parse_entries(entries: Iterable[str], item: str) -> tuple[Token, ...]:
+    """Tokens from ``NAME VALUE [PATTERNS]`` entries; errors never quote a
+    value, and name an entry as ``item`` and its number ("line 3")."""
     tokens = []
     for number, entry in enumerate(entries, 1):
         fields = entry.split()
@@ -46,39 +47,40 @@ def parse_entries(entries: Iterable[str], where: str) -> tuple[Token, ...]:
             continue
         if len(fields) not in (2, 3):
             raise ValueError(
-                f"{where} entry {number} has {len(fields)} fields; "
-                "want NAME VALUE [PATTERNS]"
+                f"{item} {number} has {len(fields)} fields; want NAME VALUE [PATTERNS]"
             )
         name, value = fields[0], fields[1]
         if len(value) < MIN_TOKEN_LENGTH:
             raise ValueError(
-                f"{where} entry {number} ({name}): the value is shorter than "
+                f"{item} {number} ({name}): the value is shorter than "
                 f"{MIN_TOKEN_LENGTH} characters"
             )
         patterns = parse_patterns(fields[2]) if len(fields) == 3 else ()
         tokens.append(Token(name, _digest(value), patterns))
-    return tokens_unique(tokens, where)
+    return tokens_unique(tokens)
 
 
-def tokens_unique(tokens: list[Token], where: str) -> tuple[Token, ...]:
-    """``tokens``, or ValueError when two share a name or a value."""
+def tokens_unique(tokens: list[Token], where: str = "") -> tuple[Token, ...]:
+    """``tokens``, or ValueError (led by ``where``, if given) when two share a
+    name or a value."""
+    lead = f"{where}: " if where else ""
     names: set[str] = set()
     digests: set[bytes] = set()
     for token in tokens:
         if token.name in names:
             raise ValueError(
-                f"{where}: two tokens are named {token.name}; the logs tell "
-                "tokens apart by name"
+                f"{lead}two tokens are named {token.name}; the logs tell tokens "
+                "apart by name"
             )
         if token.digest in digests:
-            raise ValueError(f"{where}: token {token.name} has the value of another")
+            raise ValueError(f"{lead}token {token.name} has the value of another")
         names.add(token.name)
         digests.add(token.digest)
     return tuple(tokens)
 
 
 def parse_env(text: str) -> tuple[Token, ...]:
-    return parse_entries(text.split(";"), "FANOUT_TOKENS")
+    return parse_entries(text.split(";"), "entry")
 
 
 def read_file(path: str) -> tuple[Token, ...]:
@@ -89,7 +91,7 @@ def read_file(path: str) -> tuple[Token, ...]:
             lines = file.read().splitlines()
     except OSError as exc:
         raise ValueError(f"cannot read the tokens file: {exc.strerror}") from None
-    return parse_entries(lines, "FANOUT_TOKENS_FILE")
+    return parse_entries(lines, "line")
 
 
 class Tokens:

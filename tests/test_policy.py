@@ -118,7 +118,7 @@ def test_tokens_are_identified_by_value_and_never_shown():
     with pytest.raises(ValueError) as caught:
         parse_env("gamma short")
     assert str(caught.value) == (
-        "FANOUT_TOKENS entry 1 (gamma): the value is shorter than 16 characters"
+        "entry 1 (gamma): the value is shorter than 16 characters"
     )
     assert bearer("Bearer abc") == "abc"
     assert bearer("Basic abc") is None

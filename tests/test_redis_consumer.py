@@ -83,7 +83,7 @@ def test_ingress_list_equal_to_log_list_is_refused(launch):
     gateway = launch.start("fanout-redis", ready=False, FANOUT_LOG_LIST="MESSAGES")
     assert gateway.proc.wait(10) == 78
     assert gateway.output().strip() == (
-        "fanout: bad setting FANOUT_LOG_LIST='MESSAGES': same Redis key as "
-        "FANOUT_INGRESS_LIST; the ingress list, the audit log and the dead-letter "
-        "list must be different lists, or the gateway would consume its own output"
+        "fanout: bad setting FANOUT_INGRESS_LIST and FANOUT_LOG_LIST are both "
+        "'MESSAGES'; the ingress list, the audit log and the dead-letter list must "
+        "be different lists, or the gateway would consume its own output"
     )

@@ -77,14 +77,20 @@ def test_cluster_url_list_is_split():
         ),
         (
             {"FANOUT_DEAD_LIST": "MESSAGES:log"},
-            "FANOUT_DEAD_LIST='MESSAGES:log': same Redis key as FANOUT_LOG_LIST; the "
+            "FANOUT_LOG_LIST and FANOUT_DEAD_LIST are both 'MESSAGES:log'; the "
+            "ingress list, the audit log and the dead-letter list must be different "
+            "lists, or audit entries and dead letters would be mixed in one list",
+        ),
+        (
+            {"FANOUT_INGRESS_LIST": "MESSAGES:log"},
+            "FANOUT_INGRESS_LIST and FANOUT_LOG_LIST are both 'MESSAGES:log'; the "
             "ingress list, the audit log and the dead-letter list must be different "
             "lists, or the gateway would consume its own output",
         ),
         (
             {"FANOUT_INGRESS_SUBJECT": "MESS*"},
-            "FANOUT_INGRESS_SUBJECT='MESS*': not a NATS subject to publish to: it "
-            "contains a wildcard (* or >)",
+            "FANOUT_INGRESS_SUBJECT='MESS*': not a NATS subject the ingress can "
+            "subscribe to: it contains a wildcard (* or >)",
         ),
         (
             {"FANOUT_HTTP_BIND": "127.0.0.1:9000", "FANOUT_WS_BIND": "127.0.0.1:9000"},
@@ -150,8 +156,8 @@ def test_cluster_url_list_is_split():
         ),
         (
             {"FANOUT_REDIS_TLS_CERT": README, "FANOUT_REDIS_TLS_KEY": README},
-            "FANOUT_REDIS_TLS_CERT is set, but FANOUT_REDIS_URL is not a rediss:// "
-            "URL; the TLS files would go unused",
+            "FANOUT_REDIS_TLS_CERT is set, but FANOUT_REDIS_URL is unset (the "
+            "embedded Redis takes plain redis://); the TLS files would go unused",
         ),
         (
             {"FANOUT_LOG_LIST": "MESSAGES:processing:c1"},
@@ -176,8 +182,8 @@ def test_cluster_url_list_is_split():
                 "FANOUT_TOKENS": f"billing {'a' * 16};shipping {'b' * 16};"
                 f"billing {'c' * 16}"
             },
-            "FANOUT_TOKENS='***': FANOUT_TOKENS: two tokens are named billing; the "
-            "logs tell tokens apart by name",
+            "FANOUT_TOKENS='***': two tokens are named billing; the logs tell "
+            "tokens apart by name",
         ),
         (
             {"FANOUT_INGRESS_SUBJECT": "$SYS.x"},
@@ -193,12 +199,17 @@ def test_cluster_url_list_is_split():
         ),
         (
             {"FANOUT_CONSUMER_NAME": "*"},
-            "FANOUT_CONSUMER_NAME='*': must be 1 to 64 letters, digits, '.', '_', "
-            "':' or '-' (or empty, for the default name)",
+            "FANOUT_CONSUMER_NAME='*': must be 1 to 64 ASCII letters, digits, '.', "
+            "'_', ':' or '-' (or empty, for the default name)",
         ),
         (
             {"FANOUT_CONSUMER_NAME": "c" * 65},
-            f"FANOUT_CONSUMER_NAME={'c' * 65!r}: must be 1 to 64 letters, digits, "
+            f"FANOUT_CONSUMER_NAME={'c' * 65!r}: must be 1 to 64 ASCII letters, "
+            "digits, '.', '_', ':' or '-' (or empty, for the default name)",
+        ),
+        (
+            {"FANOUT_CONSUMER_NAME": "café"},
+            "FANOUT_CONSUMER_NAME='café': must be 1 to 64 ASCII letters, digits, "
             "'.', '_', ':' or '-' (or empty, for the default name)",
         ),
     ],
@@ -257,8 +268,8 @@ def test_token_name_repeated_in_the_file_is_refused(tmp_path):
     with pytest.raises(ConfigError) as caught:
         settings.load({"FANOUT_TOKENS_FILE": str(tokens_file)})
     assert str(caught.value) == (
-        f"FANOUT_TOKENS_FILE={str(tokens_file)!r}: FANOUT_TOKENS_FILE: two tokens "
-        "are named billing; the logs tell tokens apart by name"
+        f"FANOUT_TOKENS_FILE={str(tokens_file)!r}: two tokens are named billing; "
+        "the logs tell tokens apart by name"
     )
 
 
