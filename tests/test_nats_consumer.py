@@ -2,11 +2,13 @@
 
 import asyncio
 import json
+import signal
 
 import nats
 import orjson
 import pytest
 
+from services.nats_consumer import PENDING_MESSAGES
 from tests.support import audit_log, wait_until
 
 
@@ -106,3 +108,35 @@ def test_smallest_redis_pool_still_writes_the_audit_log(
     assert wait_until(lambda: len(audit_log(rdb)) == 20, timeout=10), (
         f"{len(audit_log(rdb))} of 20 messages audited"
     )
+
+
+def test_messages_past_the_consumers_limit_are_dropped_and_counted(
+    launch, brokers, rdb
+):
+    """While Redis is frozen the consumer holds what arrives, up to 200,000
+    messages; what comes beyond is dropped, logged and counted, and the
+    rest is delivered and audited once Redis is back."""
+    consumer = launch.start("fanout-nats", FANOUT_PUBLISH_TIMEOUT="30")
+    sent = PENDING_MESSAGES + 20_000
+    brokers.redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        publish(
+            brokers.nats_url,
+            [b'{"topic": "held.n", "n": %d}' % n for n in range(sent)],
+        )
+        consumer.wait_for_log("dropped messages: ", timeout=30)
+    finally:
+        brokers.redis.proc.send_signal(signal.SIGCONT)
+
+    assert wait_until(lambda: len(audit_log(rdb)) >= PENDING_MESSAGES, timeout=60)
+    consumer.signal(signal.SIGTERM)
+    assert consumer.proc.wait(30) == 0
+    line = next(
+        x for x in consumer.output().splitlines() if "nats consumer stopped" in x
+    )
+    received, delivered, dead, dropped = (
+        int(part.split()[0]) for part in line.split("stopped: ")[1].split(", ")
+    )
+    assert dropped > 0 and dead == 0
+    assert received + dropped == sent
+    assert delivered == received == len(audit_log(rdb))
