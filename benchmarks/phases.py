@@ -286,28 +286,25 @@ def observe_ceiling(
     return row
 
 
-def alternate(bench: Bench, ceiling_load: Callable, top_load: Callable) -> dict:
-    """Measure a ceiling and the maximum-rate row held against it in
-    :data:`ROUNDS` alternating rounds, the ceiling first in even rounds and
-    last in odd ones; record each as one row, and return the second.
+def alternate(bench: Bench, *turns: tuple[Callable, Callable]) -> list[dict]:
+    """Measure rows compared with each other in :data:`ROUNDS` alternating
+    rounds, in the order given in even rounds and the reverse in odd ones;
+    record each as one row, and return them in that order.
 
-    ``ceiling_load()`` and ``top_load()`` give a new row, the processes to
-    measure and the load for one round. On this machine a rate drifts by a
-    tenth within a minute, and the two rows used to be measured a minute
-    apart: the HTTP ratio read 0.82, 0.61 and 0.70 in three runs of the same
-    code. Alternating gives both rows the same drift, and swapping the order
-    cancels a drift that keeps its direction.
+    A turn is ``(observe, load)``: :func:`observe` or :func:`observe_ceiling`,
+    and a function that gives a new row, the processes to measure and the
+    load for one round. On this machine a rate drifts by a tenth within a
+    minute, and rows compared with each other used to be measured a minute
+    apart: the HTTP ratio read 0.82, 0.61 and 0.70 in three runs of the
+    same code. Alternating gives the rows the same drift, and reversing the
+    order cancels much of a drift that keeps its direction.
     """
-    ceilings, tops = [], []
-    turns = [
-        (ceilings, lambda: observe_ceiling(bench, *ceiling_load())),
-        (tops, lambda: observe(bench, *top_load())),
-    ]
+    rounds: list[list[dict]] = [[] for _ in turns]
     for index in range(ROUNDS):
-        for done, run in turns if index % 2 == 0 else reversed(turns):
-            done.append(run())
-    record(bench, merge_rounds(ceilings))
-    return record(bench, merge_rounds(tops))
+        order = list(zip(rounds, turns, strict=True))
+        for done, (observed, load) in order if index % 2 == 0 else reversed(order):
+            done.append(observed(bench, *load()))
+    return [record(bench, merge_rounds(done)) for done in rounds]
 
 
 def round_seconds(plan) -> float:
@@ -319,6 +316,7 @@ def round_seconds(plan) -> float:
 SUMMED = (
     "sent", "answered", "delivered", "lost", "errors", "audit_entries",
     "dead_lettered", "slow_consumer_errors", "host_cpu_s", "other_cpu_s",
+    "requests",
 )  # fmt: skip
 
 
@@ -418,20 +416,22 @@ def http_load(
     return row, {"fanout-http": proc}, lambda: _wrk(bench, job, seconds)
 
 
-def http_bulk_phase(bench: Bench, proc: Proc, port: int, workers: int) -> dict:
-    """As fast as it can, :data:`HTTP_BULK` envelopes per request."""
-    plan = bench.plan
+def http_bulk_load(
+    bench: Bench, proc: Proc, port: int, workers: int, seconds: float
+) -> tuple[dict, dict[str, Proc], Callable[[], dict]]:
+    """A new row, the processes measured and the load of a bulk round: as
+    fast as it can, :data:`HTTP_BULK` envelopes per request."""
     topic = f"bench.http.bulk.w{workers}"
-    job = wrk_job(port, topic, plan.seconds, plan.max_count, 0, HTTP_BULK)
+    job = wrk_job(port, topic, seconds, bench.plan.max_count, 0, HTTP_BULK)
     row = new_row(f"http bulk w{workers}", "http", "bulk", workers, topic=topic,
                   bulk=HTTP_BULK)  # fmt: skip
 
     def load() -> dict:
-        sent = _wrk(bench, job, plan.seconds)
+        sent = _wrk(bench, job, seconds)
         row["requests"] = sent["requests"]
         return sent
 
-    return measure(bench, row, {"fanout-http": proc}, load)
+    return row, {"fanout-http": proc}, load
 
 
 def http_ceiling_load(
@@ -444,23 +444,30 @@ def http_ceiling_load(
 
 
 def http_rows(bench: Bench) -> None:
-    """With 1 and 2 workers: the maximum beside the Falcon ceiling under the
-    same gunicorn options, alternating; with one worker, then half load and
-    bulk on the same processes, so that the three compare."""
+    """With 1 and 2 workers, the maximum beside the Falcon ceiling under the
+    same gunicorn options, alternating; with one worker the bulk row joins
+    them (its target is against the maximum), and half load follows on the
+    same processes."""
     fleet, brokers = bench.fleet, bench.brokers
     seconds = round_seconds(bench.plan)
     for workers in (1, 2):
         ceiling, ceiling_port = start_http(fleet, brokers, workers, ceiling=True)
         proc, port = start_http(fleet, brokers, workers)
-        top = alternate(
-            bench,
-            partial(http_ceiling_load, bench, ceiling, ceiling_port, workers, seconds),
-            partial(http_load, bench, proc, port, workers, 0, seconds),
+        ceiling_load = partial(
+            http_ceiling_load, bench, ceiling, ceiling_port, workers, seconds
         )
+        turns = [
+            (observe_ceiling, ceiling_load),
+            (observe, partial(http_load, bench, proc, port, workers, 0, seconds)),
+        ]
+        if workers == 1:
+            turns.append(
+                (observe, partial(http_bulk_load, bench, proc, port, workers, seconds))
+            )
+        top = alternate(bench, *turns)[1]
         fleet.stop(ceiling)
         if workers == 1:
             http_phase(bench, proc, port, workers, round(top["rate"] / 2))
-            http_bulk_phase(bench, proc, port, workers)
         fleet.stop(proc)
 
 
@@ -509,9 +516,12 @@ def ws_rows(bench: Bench) -> None:
     proc, port = start_ws(fleet, brokers)
     top = alternate(
         bench,
-        partial(ws_ceiling_load, bench, ceiling, ceiling_port, seconds),
-        partial(ws_load, bench, proc, port, 0, seconds),
-    )
+        (
+            observe_ceiling,
+            partial(ws_ceiling_load, bench, ceiling, ceiling_port, seconds),
+        ),
+        (observe, partial(ws_load, bench, proc, port, 0, seconds)),
+    )[1]
     fleet.stop(ceiling)
     ws_phase(bench, proc, port, round(top["rate"] / 2))
     fleet.stop(proc)
