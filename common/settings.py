@@ -894,21 +894,30 @@ def _has_credentials(url: str) -> bool:
     return bool(parts.username or parts.password)
 
 
+TLS_PREFIXES = ("FANOUT_NATS_TLS", "FANOUT_REDIS_TLS")
+
+
+def _tls_files(prefix: str, values: Mapping[str, Any]) -> dict[str, str]:
+    """The CA, certificate and key files set under ``prefix``, by variable."""
+    name = prefix.lower().removeprefix("fanout_")
+    return {
+        f"{prefix}_{part.upper()}": values[f"{name}_{part}"]
+        for part in ("ca", "cert", "key")
+    }
+
+
 def _check_tls(values: Mapping[str, Any], embedded: set[str]) -> None:
-    for prefix in ("FANOUT_NATS_TLS", "FANOUT_REDIS_TLS"):
-        name = prefix.lower().removeprefix("fanout_")
-        if bool(values[f"{name}_cert"]) != bool(values[f"{name}_key"]):
+    files = {prefix: _tls_files(prefix, values) for prefix in TLS_PREFIXES}
+    for prefix, tls in files.items():
+        _, cert, key = tls.values()
+        if bool(cert) != bool(key):
             raise ConfigError(f"{prefix}_CERT and {prefix}_KEY go together")
 
     # redis-py reads the TLS files only for a rediss:// URL; over redis:// (the
     # embedded server's too) the connection would go out in clear text.
     if not values["redis_url"].startswith("rediss://"):
-        for env in (
-            "FANOUT_REDIS_TLS_CA",
-            "FANOUT_REDIS_TLS_CERT",
-            "FANOUT_REDIS_TLS_KEY",
-        ):
-            if values[env.lower().removeprefix("fanout_")]:
+        for env, path in files["FANOUT_REDIS_TLS"].items():
+            if path:
                 url = (
                     "FANOUT_REDIS_URL is unset (the embedded Redis takes plain "
                     "redis://)"
@@ -919,19 +928,17 @@ def _check_tls(values: Mapping[str, Any], embedded: set[str]) -> None:
                     f"{env} is set, but {url}; the TLS files would go unused"
                 )
 
-    for prefix in ("FANOUT_NATS_TLS", "FANOUT_REDIS_TLS"):
-        _check_tls_files(prefix, values)
+    for prefix, tls in files.items():
+        _check_tls_loads(prefix, *tls.values())
 
 
-def _check_tls_files(prefix: str, values: Mapping[str, Any]) -> None:
+def _check_tls_loads(prefix: str, ca: str, cert: str, key: str) -> None:
     """The TLS files load as OpenSSL will load them for each connection.
 
     A file that does not would fail every connection, and the clients retry
     a failed connection as an outage: the log would say the broker is
     unreachable for as long as the gateway runs.
     """
-    name = prefix.lower().removeprefix("fanout_")
-    ca, cert, key = (values[f"{name}_{part}"] for part in ("ca", "cert", "key"))
     if not (ca or cert):
         return
     try:
