@@ -239,14 +239,13 @@ def _run_and_report(plan: Plan) -> int:
         print(f"benchmark harness failed: {exc}", file=sys.stderr)
         print(f"logs kept in {work_dir}", file=sys.stderr)
         return 1
-    except (Interrupted, KeyboardInterrupt) as exc:
-        signum = getattr(exc, "signum", signal.SIGINT)
+    except Interrupted as exc:
         print(
-            f"interrupted ({signal.Signals(signum).name}); every process started "
-            f"was stopped; logs kept in {work_dir}",
+            f"interrupted ({signal.Signals(exc.signum).name}); every process "
+            f"started was stopped; logs kept in {work_dir}",
             file=sys.stderr,
         )
-        return 128 + signum
+        return 128 + exc.signum
     results["targets"] = report.targets(results["rows"])
     report.print_all(results)
     if plan.only:
