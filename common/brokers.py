@@ -606,6 +606,58 @@ def redis_client(settings: Settings, *, blocking_pop: bool = False) -> aioredis.
     return aioredis.Redis(connection_pool=pool, single_connection_client=True)
 
 
+class AuditLog:
+    """Appends audit entries to a Redis list over a connection of its own.
+
+    PERF: redis-py's client wraps each command in a lock, a pool, a timer
+    task for the write and its telemetry hooks; one RPUSH a batch needs
+    none of that. The connection's own send, read and retry (reconnect on
+    a connection error) remain redis-py's. It has no socket timeout: the
+    whole write, retries included, gets ``timeout`` seconds, and a write
+    that timed out is not sent again (a stalled server may still run it).
+    Any failure drops the connection, so a late reply is never read as
+    the next one's.
+    """
+
+    def __init__(self, client: aioredis.Redis, key: str, timeout: float):
+        pool = client.connection_pool
+        kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+        self.connection = pool.connection_class(**kwargs)
+        self.key = key
+        self.timeout = timeout  # seconds
+
+    async def append(self, entries: list[bytes]) -> None:
+        """RPUSH ``entries``; raises redis-py's errors or TimeoutError."""
+        await self._run([("RPUSH", self.key, *entries)])
+
+    async def withdraw(self, entries: list[bytes]) -> None:
+        """Remove ``entries``, each its last copy, counted from the tail,
+        where they were just appended."""
+        await self._run([("LREM", self.key, -1, entry) for entry in entries])
+
+    async def _run(self, commands: list[tuple]) -> None:
+        connection = self.connection
+        packed = connection.pack_commands(commands)
+
+        async def attempt() -> None:
+            await connection.send_packed_command(packed)
+            for _ in commands:
+                await connection.read_response()
+
+        async def dropped(error: Exception) -> None:
+            await connection.disconnect()
+
+        try:
+            async with asyncio.timeout(self.timeout):
+                await connection.retry.call_with_retry(attempt, dropped)
+        except BaseException:
+            await connection.disconnect(nowait=True)
+            raise
+
+    async def close(self) -> None:
+        await self.connection.disconnect()
+
+
 class _HiredisPacking:
     """Commands packed by hiredis in C, as redis-py's own synchronous client
     does; its asyncio client packs in Python, about a microsecond an

@@ -258,3 +258,29 @@ def test_nats_down_at_startup_is_logged_once_then_used(launch, tmp_path):
     finally:
         server.stop()
     assert gateway.output().count("nats unreachable") == 1
+
+
+def test_message_nats_did_not_confirm_has_its_audit_entry_withdrawn(
+    launch, brokers, subscriber, rdb
+):
+    """A batch's audit entries are written while NATS confirms it. With NATS
+    frozen the message is refused (503) and its entry is removed again, so
+    an entry still means NATS had the message."""
+    gateway = launch.start("fanout-http", FANOUT_PUBLISH_TIMEOUT="1")
+    url = f"http://127.0.0.1:{gateway.port}/MESSAGES"
+    before = post(url, '{"id": "before", "message": {"topic": "internal.w"}}')
+    assert before.status_code == 202
+
+    brokers.nats.proc.send_signal(signal.SIGSTOP)
+    try:
+        frozen = post(url, '{"id": "frozen", "message": {"topic": "internal.w"}}')
+    finally:
+        brokers.nats.proc.send_signal(signal.SIGCONT)
+
+    assert frozen.status_code == 503
+    assert frozen.json()["error"] == "nats did not confirm the message in time"
+    assert [orjson.loads(e)["id"] for e in audit_log(rdb)] == ["before"]
+    # The server caught up: delivered without an entry, as the README says
+    # of a message refused as retryable after it reached NATS.
+    ids = [m.headers["Nats-Msg-Id"] for m in subscriber.wait_for(2, "internal.w")]
+    assert ids == ["before", "frozen"]
