@@ -319,3 +319,32 @@ def test_frozen_redis_is_logged_once_and_its_end_too(launch, brokers, subscriber
     log = http.output()
     assert log.count("for the brokers; refused as retryable") == 1, log
     assert "the brokers answer in time again" in log, log
+
+
+def test_audit_write_held_by_a_stall_is_not_sent_twice(launch, brokers, rdb):
+    """A bulk request whose audit write is held by a frozen Redis past the
+    write's limit (the publish timeout plus 1 s) is answered 503, and the
+    write is not sent again: the resumed server runs it once at most, so
+    no id is in the audit log twice."""
+    http = launch.start("fanout-http", FANOUT_PUBLISH_TIMEOUT="1")
+    url = f"http://127.0.0.1:{http.port}/MESSAGES"
+    bulk = [{"message": {"topic": "internal.held", "n": n}} for n in range(50)]
+
+    brokers.redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            held = pool.submit(requests.post, url, json=bulk, timeout=30)
+            time.sleep(4)
+            brokers.redis.proc.send_signal(signal.SIGCONT)
+            answer = held.result()
+    finally:
+        brokers.redis.proc.send_signal(signal.SIGCONT)
+
+    results = answer.json()["results"]
+    assert {r.get("error") for r in results} == {
+        "redis did not take the audit entry; the message may have reached "
+        "NATS, send it again with the same id"
+    }
+    assert requests.post(url, json=bulk[:1], timeout=10).status_code == 200
+    ids = [orjson.loads(e)["id"] for e in rdb.lrange("MESSAGES:log", 0, -1)]
+    assert len(ids) == len(set(ids)), len(ids) - len(set(ids))
