@@ -348,3 +348,51 @@ def test_audit_write_held_by_a_stall_is_not_sent_twice(launch, brokers, rdb):
     assert requests.post(url, json=bulk[:1], timeout=10).status_code == 200
     ids = [orjson.loads(e)["id"] for e in rdb.lrange("MESSAGES:log", 0, -1)]
     assert len(ids) == len(set(ids)), len(ids) - len(set(ids))
+
+
+def test_nats_frozen_then_killed_and_restarted_loses_no_accepted_message(
+    launch, tmp_path, brokers, spare_servers
+):
+    """Bulk requests wait on a frozen NATS that is then killed and started
+    again on its port. The batch written to the dead connection is refused;
+    every message accepted after the reconnect is on the new server, seen by
+    a subscriber that reconnected and recorded by a JetStream stream."""
+    server = nats_server(
+        tmp_path, free_port(), ["-js", "-sd", str(tmp_path / "js")]
+    ).start()
+    spare_servers.append(server)
+    url = f"nats://127.0.0.1:{server.port}"
+    add_capture_stream(url)
+    http = launch.start("fanout-http", FANOUT_NATS_URL=url, FANOUT_PUBLISH_TIMEOUT="6")
+    post_url = f"http://127.0.0.1:{http.port}/MESSAGES"
+    sub = Subscriber(url, "internal.>").start()
+
+    def bulk(r: int) -> list[dict]:
+        body = [
+            {"id": f"r{r}-{i}", "message": {"topic": "internal.k", "k": f"{r}-{i}"}}
+            for i in range(20)
+        ]
+        return requests.post(post_url, json=body, timeout=30).json()["results"]
+
+    try:
+        server.proc.send_signal(signal.SIGSTOP)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=5) as pool:
+            posts = []
+            for r in range(5):
+                posts.append(pool.submit(bulk, r))
+                time.sleep(0.05)
+            time.sleep(2)
+            server.kill()
+            time.sleep(0.5)
+            server.start()
+            results = [result for p in posts for result in p.result()]
+        accepted = {r["id"] for r in results if r["status"] == "accepted"}
+        refused = {r["error"] for r in results if r["status"] != "accepted"}
+        assert accepted and refused <= RETRYABLE_NATS, refused
+        wait_until(lambda: len(sub.received("internal.k")) >= len(accepted))
+        received = {m.headers["Nats-Msg-Id"] for m in sub.received("internal.k")}
+    finally:
+        sub.close()
+    captured = set().union(*read_stream(url, "CAPTURE").values())
+    assert accepted <= received, sorted(accepted - received)[:5]
+    assert accepted <= captured, sorted(accepted - captured)[:5]
