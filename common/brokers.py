@@ -238,6 +238,7 @@ class Written:
     messages: Sequence[Message]
     reconnects: int  # the connection's reconnect count when written
     pong: asyncio.Future | None = None
+    dropped: asyncio.Future | None = None  # done when that connection drops
     error: BrokerUnavailable | None = None
 
 
@@ -254,6 +255,9 @@ class NatsLink:
         self.logger = logger
         self.nc = DirectClient()
         self.connected = asyncio.Event()
+        # Done when the current connection drops: a batch written to it
+        # then waits no longer for a PONG that cannot come.
+        self._dropped: asyncio.Future | None = None
         self._closing = False
         self._ever_connected = False
         self._said: set[str] = set()  # messages _say_once already logged
@@ -285,6 +289,7 @@ class NatsLink:
                 continue
             if attempt.cancelled() or not attempt.done():
                 return False  # the stop came first
+            self._dropped = asyncio.get_running_loop().create_future()
             self.connected.set()
             self._ever_connected = True
             self.logger.info(
@@ -319,6 +324,8 @@ class NatsLink:
         return redact_url(url.geturl()) if url else "?"
 
     async def _disconnected(self) -> None:
+        if self._dropped is not None and not self._dropped.done():
+            self._dropped.set_result(None)
         if self._closing:
             self.connected.clear()
             return
@@ -327,6 +334,7 @@ class NatsLink:
             self.logger.warning("nats disconnected; reconnecting")
 
     async def _reconnected(self) -> None:
+        self._dropped = asyncio.get_running_loop().create_future()
         self.connected.set()
         self.logger.info("nats reconnected to %s", self._current())
 
@@ -395,6 +403,7 @@ class NatsLink:
             return written
         nc.denied_subjects.clear()
         try:
+            written.dropped = self._dropped
             written.pong = await self._write_with_ping(messages)
         except (nats.errors.Error, OSError) as exc:
             written.error = _unconfirmed(exc)
@@ -417,12 +426,26 @@ class NatsLink:
         """
         if written.error is not None:
             raise written.error
-        try:
-            await asyncio.wait_for(asyncio.shield(written.pong), timeout)
-        except TimeoutError:
+        pong = written.pong
+        if not pong.done():
+            # Neither waiting cancels the other, nor the PONG's future:
+            # nats-py's reader resolves it even when it comes late.
+            waiting = {pong} if written.dropped is None else {pong, written.dropped}
+            await asyncio.wait(
+                waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not pong.done():
+                if written.dropped is not None and written.dropped.done():
+                    raise BrokerUnavailable(
+                        "nats connection dropped before the message was confirmed"
+                    )
+                raise BrokerUnavailable("nats did not confirm the message in time")
+        if pong.cancelled():  # nats-py closing the connection
             raise BrokerUnavailable(
-                "nats did not confirm the message in time"
-            ) from None
+                "nats connection dropped before the message was confirmed"
+            )
+        try:
+            pong.result()
         except (nats.errors.Error, OSError) as exc:
             raise _unconfirmed(exc) from exc
         # nats-py's flush() returns without a PONG when its read loop has

@@ -354,9 +354,11 @@ def test_nats_frozen_then_killed_and_restarted_loses_no_accepted_message(
     launch, tmp_path, brokers, spare_servers
 ):
     """Bulk requests wait on a frozen NATS that is then killed and started
-    again on its port. The batch written to the dead connection is refused;
-    every message accepted after the reconnect is on the new server, seen by
-    a subscriber that reconnected and recorded by a JetStream stream."""
+    again on its port. The batch written to the dead connection is refused
+    when the connection drops, not at its publish timeout; every message
+    accepted after the reconnect is on the new server, as a JetStream
+    stream there records. (A subscriber still reconnecting can miss them:
+    core NATS keeps nothing for it; see the README's Known gaps.)"""
     server = nats_server(
         tmp_path, free_port(), ["-js", "-sd", str(tmp_path / "js")]
     ).start()
@@ -365,7 +367,6 @@ def test_nats_frozen_then_killed_and_restarted_loses_no_accepted_message(
     add_capture_stream(url)
     http = launch.start("fanout-http", FANOUT_NATS_URL=url, FANOUT_PUBLISH_TIMEOUT="6")
     post_url = f"http://127.0.0.1:{http.port}/MESSAGES"
-    sub = Subscriber(url, "internal.>").start()
 
     def bulk(r: int) -> list[dict]:
         body = [
@@ -374,25 +375,21 @@ def test_nats_frozen_then_killed_and_restarted_loses_no_accepted_message(
         ]
         return requests.post(post_url, json=body, timeout=30).json()["results"]
 
-    try:
-        server.proc.send_signal(signal.SIGSTOP)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=5) as pool:
-            posts = []
-            for r in range(5):
-                posts.append(pool.submit(bulk, r))
-                time.sleep(0.05)
-            time.sleep(2)
-            server.kill()
-            time.sleep(0.5)
-            server.start()
-            results = [result for p in posts for result in p.result()]
-        accepted = {r["id"] for r in results if r["status"] == "accepted"}
-        refused = {r["error"] for r in results if r["status"] != "accepted"}
-        assert accepted and refused <= RETRYABLE_NATS, refused
-        wait_until(lambda: len(sub.received("internal.k")) >= len(accepted))
-        received = {m.headers["Nats-Msg-Id"] for m in sub.received("internal.k")}
-    finally:
-        sub.close()
+    server.proc.send_signal(signal.SIGSTOP)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=5) as pool:
+        posts = []
+        for r in range(5):
+            posts.append(pool.submit(bulk, r))
+            time.sleep(0.05)
+        time.sleep(2)
+        server.kill()
+        time.sleep(0.5)
+        server.start()
+        results = [result for p in posts for result in p.result()]
+
+    accepted = {r["id"] for r in results if r["status"] == "accepted"}
+    refused = {r["error"] for r in results if r["status"] != "accepted"}
+    assert accepted
+    assert refused == {"nats connection dropped before the message was confirmed"}
     captured = set().union(*read_stream(url, "CAPTURE").values())
-    assert accepted <= received, sorted(accepted - received)[:5]
     assert accepted <= captured, sorted(accepted - captured)[:5]
