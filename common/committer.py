@@ -27,7 +27,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 
 from common.audit import audit_entry
-from common.brokers import AuditLog, NatsLink, log_denied
+from common.brokers import AuditLog, NatsLink, Written, log_denied
 from common.errors import (
     BrokerUnavailable,
     FanoutError,
@@ -51,6 +51,7 @@ _Unparsed = tuple[Parse, bytes, tuple[Pattern, ...], asyncio.Future, float]
 BATCH_BYTES = 8 * 1024 * 1024
 EXPIRY_CHECK = 0.2  # seconds between checks of the queue while a commit hangs
 RECHECK = 0.05  # seconds between looks at a NATS connection said to be dropping
+WITHDRAW_AT_STOP = 0.5  # seconds a stop waits for a given-up batch's withdrawal
 
 
 def take_batch(queue: deque, most: int, size_of) -> list:
@@ -314,9 +315,35 @@ class Committer:
         messages = [item[0] for item in live]
         written = await self.nats.send(messages)
         entries = []
-        if written.error is None:
-            entries = [audit_entry(m) for m in messages]
-            await self._append_audit(entries)
+        try:
+            if written.error is None:
+                entries = [audit_entry(m) for m in messages]
+                await self._append_audit(entries)
+            denied = await self._confirm(written, deadline, entries)
+        except asyncio.CancelledError:
+            # A stop gave up on this batch (_give_up); its senders are told
+            # it may have reached NATS, and they send it again.
+            if entries:
+                await self._withdraw(
+                    entries, "the gateway stopped before nats confirmed them"
+                )
+            raise
+        if denied:
+            refused = [
+                e for e, m in zip(entries, messages, strict=True) if m.topic in denied
+            ]
+            await self._withdraw(refused, "nats refused their topics")
+            live = self._fail_denied(live, denied)
+        return live
+
+    async def _confirm(
+        self, written: Written, deadline: float, entries: list[bytes]
+    ) -> set[str]:
+        """Wait for NATS to confirm ``written``; the topics it refused.
+
+        Not confirmed: the batch's audit ``entries`` are withdrawn, and
+        BrokerUnavailable says why.
+        """
         try:
             remaining = max(0.05, deadline - self.clock())
             denied = await self.nats.confirm(written, timeout=remaining)
@@ -336,13 +363,7 @@ class Committer:
         if self._nats_failing:
             self._nats_failing = False
             self.logger.info("nats confirms messages again")
-        if denied:
-            refused = [
-                e for e, m in zip(entries, messages, strict=True) if m.topic in denied
-            ]
-            await self._withdraw(refused, "nats refused their topics")
-            live = self._fail_denied(live, denied)
-        return live
+        return denied
 
     async def _wait_until_usable(self, deadline: float) -> None:
         # Wait for NATS rather than publish into nats-py's reconnect buffer:
@@ -474,6 +495,10 @@ class Committer:
             # meanwhile ends cancelled, and that is not this call's error.
             await asyncio.wait({task}, timeout=timeout)
             self._give_up()
+        if task is not None and not task.done():
+            # A batch given up on withdraws its audit entries before the
+            # connection closes (see _publish_and_log).
+            await asyncio.wait({task}, timeout=min(timeout, WITHDRAW_AT_STOP))
         if self._give_up_timer is not None:
             self._give_up_timer.cancel()
         await self.audit.close()
