@@ -421,8 +421,10 @@ class NatsLink:
         said so before its PONG (read with its case by
         :class:`FrameReader`: a topic differing only in case from a refused
         one is another subject, and was delivered). Raises
-        :class:`BrokerUnavailable` if the rest is not confirmed in time;
-        some of the messages may still reach the server later.
+        :class:`BrokerUnavailable` if the rest is not confirmed in time, or
+        at once if the connection it was written to drops (nats-py forgets
+        that connection's PONG futures on reconnect); some of the messages
+        may still reach the server later.
         """
         if written.error is not None:
             raise written.error
@@ -440,10 +442,6 @@ class NatsLink:
                         "nats connection dropped before the message was confirmed"
                     )
                 raise BrokerUnavailable("nats did not confirm the message in time")
-        if pong.cancelled():  # nats-py closing the connection
-            raise BrokerUnavailable(
-                "nats connection dropped before the message was confirmed"
-            )
         try:
             pong.result()
         except (nats.errors.Error, OSError) as exc:
