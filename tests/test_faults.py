@@ -116,6 +116,17 @@ def read_stream(url: str, stream: str) -> dict[str, set[str]]:
     return asyncio.run(read())
 
 
+def capturing_nats(tmp_path, spare_servers) -> tuple:
+    """A nats-server of the test's own whose JetStream stream CAPTURE keeps
+    every message on internal.> (it survives a restart); and its URL."""
+    store = tmp_path / "js"
+    server = nats_server(tmp_path, free_port(), ["-js", "-sd", str(store)]).start()
+    spare_servers.append(server)
+    url = f"nats://127.0.0.1:{server.port}"
+    add_capture_stream(url)
+    return server, url
+
+
 def add_capture_stream(url: str) -> None:
     async def add():
         nc = await nats.connect(url)
@@ -139,11 +150,7 @@ def test_nats_restart_refuses_then_reconnects(
     then drops (core NATS is at-most-once); confirmations that arrived while
     it was stopping are not held to delivery, all others are.
     """
-    store = tmp_path / "js"
-    server = nats_server(tmp_path, free_port(), ["-js", "-sd", str(store)]).start()
-    spare_servers.append(server)
-    url = f"nats://127.0.0.1:{server.port}"
-    add_capture_stream(url)
+    server, url = capturing_nats(tmp_path, spare_servers)
     env = {"FANOUT_NATS_URL": url, "FANOUT_PUBLISH_TIMEOUT": "2"}
     http = launch.start("fanout-http", **env)
     ws = launch.start("fanout-ws", **env)
@@ -359,12 +366,7 @@ def test_nats_frozen_then_killed_and_restarted_loses_no_accepted_message(
     accepted after the reconnect is on the new server, as a JetStream
     stream there records. (A subscriber still reconnecting can miss them:
     core NATS keeps nothing for it; see the README's Known gaps.)"""
-    server = nats_server(
-        tmp_path, free_port(), ["-js", "-sd", str(tmp_path / "js")]
-    ).start()
-    spare_servers.append(server)
-    url = f"nats://127.0.0.1:{server.port}"
-    add_capture_stream(url)
+    server, url = capturing_nats(tmp_path, spare_servers)
     http = launch.start("fanout-http", FANOUT_NATS_URL=url, FANOUT_PUBLISH_TIMEOUT="6")
     post_url = f"http://127.0.0.1:{http.port}/MESSAGES"
 
