@@ -641,18 +641,19 @@ class AuditLog:
     task for the write and its telemetry hooks; one RPUSH a batch needs
     none of that. The connection's own send, read and retry (reconnect on
     a connection error) remain redis-py's. It has no socket timeout: the
-    whole write, retries included, gets ``timeout`` seconds, and a write
-    that timed out is not sent again (a stalled server may still run it).
+    whole write, retries included, gets the client's socket timeout, and a
+    write that timed out is not sent again (a stalled server may still run
+    it).
     Any failure drops the connection, so a late reply is never read as
     the next one's.
     """
 
-    def __init__(self, client: aioredis.Redis, key: str, timeout: float):
+    def __init__(self, client: aioredis.Redis, key: str):
         pool = client.connection_pool
         kwargs = {**pool.connection_kwargs, "socket_timeout": None}
         self.connection = pool.connection_class(**kwargs)
         self.key = key
-        self.timeout = timeout  # seconds
+        self.timeout = pool.connection_kwargs["socket_timeout"]  # seconds
 
     async def append(self, entries: list[bytes]) -> None:
         """RPUSH ``entries``; raises redis-py's errors or TimeoutError."""

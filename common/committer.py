@@ -94,7 +94,7 @@ class Committer:
         self.nats = nats_link
         self.redis = redis
         # The committer's own connection: audit writes wait for no one.
-        self.audit = AuditLog(redis, settings.log_list, settings.publish_timeout + 1)
+        self.audit = AuditLog(redis, settings.log_list)
         self.logger = logger
         self.clock = clock
         self.wall_clock = wall_clock  # for a parsed body's received_at
