@@ -40,7 +40,8 @@ from common.message import Message
 from common.policy import Pattern
 from common.settings import Settings
 
-_Item = tuple[Message, asyncio.Future | None, float]  # message, waiter, deadline
+# message, its waiter (a future, or Together for a bulk request's), deadline
+_Item = tuple[Message, "asyncio.Future | Together | None", float]
 # parse(body, token patterns, received_at) -> Message, raising why not
 Parse = Callable[[bytes, tuple[Pattern, ...], float], Message]
 # A body waiting to be parsed: parse, body, token patterns, waiter, deadline.
@@ -76,6 +77,45 @@ def take_batch(queue: deque, most: int, size_of) -> list:
 
 def _message_size(item: _Item) -> int:
     return len(item[0].payload)
+
+
+class Together:
+    """The one waiter of messages submitted together (a bulk request's).
+
+    ``waiter`` resolves once each message is confirmed or refused, to the
+    refusals, keyed by ``id(message)``: the submitter holds the messages
+    until then, so their ids stay theirs. A message refused twice (a stop
+    giving up on what a timeout refused) counts once.
+
+    PERF: a future a message (made, resolved, awaited) was 7% of a bulk
+    message's CPU.
+    """
+
+    __slots__ = ("waiter", "refusals", "_left")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int):
+        self.waiter = loop.create_future()
+        self.refusals: dict[int, FanoutError] = {}
+        self._left = count  # messages neither confirmed nor refused
+
+    def done(self) -> bool:
+        """Whether nobody waits any more: all settled, or the submitter
+        went away (its waiter cancelled)."""
+        return self.waiter.done()
+
+    def set_result(self, message: Message) -> None:
+        """``message`` is confirmed."""
+        self._settled()
+
+    def refuse(self, message: Message, exc: FanoutError) -> None:
+        if id(message) not in self.refusals:
+            self.refusals[id(message)] = exc
+            self._settled()
+
+    def _settled(self) -> None:
+        self._left -= 1
+        if not self._left and not self.waiter.done():
+            self.waiter.set_result(self.refusals)
 
 
 class Committer:
@@ -124,22 +164,19 @@ class Committer:
     def _waiting(self) -> int:
         return len(self._queue) + len(self._unparsed) + len(self._in_hand)
 
-    def submit_all(self, messages: list[Message]) -> list[asyncio.Future | None]:
-        """Queue ``messages`` in order, all or none; one waiter each.
+    def submit_all(self, messages: list[Message]) -> "Together | None":
+        """Queue ``messages`` in order, all or none; one waiter for them all
+        (None with confirmation off: accepted on receipt).
 
         The messages sit next to each other in the queue, so they are
         committed in as few batches as ``batch_size`` allows.
         """
         self._check_room(len(messages))
-        loop = self._loop
         deadline = self.clock() + self.settings.publish_timeout
-        waiters = []
-        for message in messages:
-            waiter = loop.create_future() if self.confirm else None
-            self._queue.append((message, waiter, deadline))
-            waiters.append(waiter)
+        together = Together(self._loop, len(messages)) if self.confirm else None
+        self._queue.extend([(message, together, deadline) for message in messages])
         self._wakeup.set()
-        return waiters
+        return together
 
     def submit_body(
         self, parse: Parse, body: bytes, token_patterns: tuple[Pattern, ...]
@@ -280,6 +317,7 @@ class Committer:
         late = len(live) < len(batch)
         if late:
             self._refuse_late([item for item in batch if item[2] <= now])
+            self._in_hand = live  # what a stop may still refuse
         if not live:
             return
 
@@ -432,10 +470,14 @@ class Committer:
     def _fail(self, items: list[_Item], exc: FanoutError) -> None:
         self.failed += len(items)
         unconfirmed = 0
-        for _, waiter, _ in items:
+        for message, waiter, _ in items:
             if waiter is None:
                 unconfirmed += 1
-            elif not waiter.done():
+            elif waiter.done():
+                continue
+            elif type(waiter) is Together:
+                waiter.refuse(message, exc)
+            else:
                 waiter.set_exception(exc)
         if unconfirmed:
             # Fire-and-forget mode: nobody is waiting to be told.

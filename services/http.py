@@ -128,21 +128,21 @@ class MessagesResource:
         if not messages:
             return list(outcomes)
         try:
-            waiters = self.gateway.committer.submit_all(messages)
+            together = self.gateway.committer.submit_all(messages)
         except RetryableError as exc:
-            failures: list = [exc] * len(messages)
+            refused: dict[int, FanoutError] = {id(m): exc for m in messages}
         else:
-            failures = await _wait_all(waiters)
+            refused = {} if together is None else await together.waiter
+        if not refused:
+            return list(outcomes)
 
-        # Put each failure back in the place of its message.
-        failed = iter(failures)
-        merged: list[Message | FanoutError] = []
-        for outcome in outcomes:
-            if isinstance(outcome, Message):
-                failure = next(failed)
-                outcome = outcome if failure is None else failure
-            merged.append(outcome)
-        return merged
+        # Put each refusal in the place of its message.
+        return [
+            refused.get(id(outcome), outcome)
+            if isinstance(outcome, Message)
+            else outcome
+            for outcome in outcomes
+        ]
 
     def _log_refusals(self, req, outcomes: list[Message | RejectedError]) -> None:
         refused = [o for o in outcomes if isinstance(o, RejectedError)]
@@ -313,27 +313,6 @@ class Gateway:
 
 
 _refusals = logs.RateLimited(logger)
-
-
-async def _wait_all(
-    waiters: list[asyncio.Future | None],
-) -> list[FanoutError | None]:
-    """Each waiter's failure, or None once its message is confirmed.
-
-    A waiter is None when confirmation is off: accepted on receipt.
-    PERF: awaited one by one rather than gathered; they mostly resolve
-    together, and awaiting a finished future costs next to nothing.
-    """
-    failures: list[FanoutError | None] = []
-    for waiter in waiters:
-        try:
-            if waiter is not None:
-                await waiter
-        except FanoutError as exc:
-            failures.append(exc)
-        else:
-            failures.append(None)
-    return failures
 
 
 async def _rejected(req, resp, exc: RejectedError, params) -> None:
