@@ -110,30 +110,20 @@ def parse_args(argv: list[str]) -> Plan:
 
 def measure_all(bench: phases.Bench) -> None:
     """Every phase, each front end next to the ceiling it is compared with:
-    figures on a shared machine drift over minutes, so a ceiling measured
-    next to its rows is the fairer yardstick. The HTTP and WebSocket
-    ceilings are measured in rounds alternating with the maximum-rate rows
-    (see phases.alternate); the backend ceilings just before the consumers."""
+    figures on a shared machine drift over minutes, so each ceiling is
+    measured in rounds alternating with the rows compared with it (see
+    phases.alternate)."""
     wanted = bench.plan.only or INGRESSES
-    rows = {
-        "http": (None, phases.http_rows),
-        "ws": (None, phases.ws_rows),
-        "redis": (phases.backend_ceilings,
-                  lambda bench: phases.consumer_rows(bench, "redis")),
-        "nats": (phases.backend_ceilings,
-                 lambda bench: phases.consumer_rows(bench, "nats")),
-    }  # fmt: skip
-    measured = set()
-    for ingress in INGRESSES:
-        if ingress not in wanted:
-            continue
-        ceiling, ingress_rows = rows[ingress]
-        if ceiling is not None and ceiling not in measured:
-            print(f"ceilings for {ingress}")
-            ceiling(bench)
-            measured.add(ceiling)
-        print(f"{ingress} ingress")
-        ingress_rows(bench)
+    for ingress, ingress_rows in (("http", phases.http_rows), ("ws", phases.ws_rows)):
+        if ingress in wanted:
+            print(f"{ingress} ingress")
+            ingress_rows(bench)
+    consumers = [kind for kind in ("redis", "nats") if kind in wanted]
+    if consumers:
+        print("redis-py ceiling")
+        phases.redis_ceiling(bench)
+        print(f"{' and '.join(consumers)} ingress, beside the nats-py ceiling")
+        phases.consumer_rows(bench, consumers)
     if bench.plan.soak_seconds > 0:
         print(f"soak: {bench.plan.soak_seconds:.0f} s, all four ingresses")
         soak.soak(bench)

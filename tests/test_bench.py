@@ -77,9 +77,9 @@ def test_a_second_interrupt_still_stops_every_process():
         text=True,
     )
     try:
-        # The brokers, the probe and the bare publish loop are up by then.
+        # The brokers and the probe are up by then, the bare RPUSH loop starting.
         for line in run.stdout:
-            if line.startswith("ceilings for nats"):
+            if line.startswith("redis-py ceiling"):
                 break
         started = psutil.Process(run.pid).children(recursive=True)
         run.send_signal(signal.SIGINT)
