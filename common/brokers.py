@@ -648,16 +648,22 @@ class AuditLog:
     the next one's.
     """
 
-    def __init__(self, client: aioredis.Redis, key: str):
+    def __init__(self, client: aioredis.Redis, key: str, dead_key: str = ""):
         pool = client.connection_pool
         kwargs = {**pool.connection_kwargs, "socket_timeout": None}
         self.connection = pool.connection_class(**kwargs)
         self.key = key
+        self.dead_key = dead_key  # the dead-letter list, for a consumer
         self.timeout = pool.connection_kwargs["socket_timeout"]  # seconds
 
-    async def append(self, entries: list[bytes]) -> None:
-        """RPUSH ``entries``; raises redis-py's errors or TimeoutError."""
-        await self._run([("RPUSH", self.key, *entries)])
+    async def append(self, entries: list[bytes], dead: Sequence[bytes] = ()) -> None:
+        """RPUSH ``entries``, and the ``dead`` letters to their list, in one
+        write; raises redis-py's errors or TimeoutError."""
+        commands = [("RPUSH", self.key, *entries)] if entries else []
+        if dead:
+            commands.append(("RPUSH", self.dead_key, *dead))
+        if commands:
+            await self._run(commands)
 
     async def withdraw(self, entries: list[bytes]) -> None:
         """Remove ``entries``, each its last copy, counted from the tail,

@@ -24,7 +24,13 @@ import orjson
 
 from common import cli, logs, runtime
 from common.audit import audit_entry, dead_entry, utc_iso
-from common.brokers import NatsLink, Written, redis_client, wait_for_redis
+from common.brokers import (
+    AuditLog,
+    NatsLink,
+    Written,
+    redis_client,
+    wait_for_redis,
+)
 from common.committer import take_batch
 from common.consumer import confirm, retry, sort_batch, split_denied
 from common.message import Message, Parser
@@ -61,6 +67,8 @@ class NatsConsumer:
         self.drops = logs.RateLimited(logger)
         self.nats = NatsLink(settings, f"fanout-nats-{logs.process_label()}", logger)
         self.redis = redis_client(settings)
+        # The audit and dead-letter writes' own connection (see AuditLog).
+        self.audit = AuditLog(self.redis, settings.log_list, settings.dead_list)
         self.inbox: deque[bytes] = deque()  # payloads as received
         self.taken: deque[Taken] = deque()  # batches not yet logged, in order
         self.held_bytes = 0
@@ -189,16 +197,13 @@ class NatsConsumer:
 
     async def _log(self, taken: Taken) -> None:
         messages, dead = taken.messages, taken.dead
-
-        async def append():
-            pipe = self.redis.pipeline(transaction=False)
-            if messages:
-                pipe.rpush(self.settings.log_list, *[audit_entry(m) for m in messages])
-            if dead:
-                pipe.rpush(self.settings.dead_list, *dead)
-            return await pipe.execute()
-
-        await retry(append, "writing the audit log", logger, lambda: False)
+        entries = [audit_entry(m) for m in messages]
+        await retry(
+            lambda: self.audit.append(entries, dead),
+            "writing the audit log",
+            logger,
+            lambda: False,
+        )
         self.delivered += len(messages)
         self.dead_lettered += len(dead)
         self.taken.remove(taken)
@@ -231,6 +236,7 @@ class NatsConsumer:
         worker_task.cancel()
         self._write_undelivered()
         await self.nats.close()
+        await self.audit.close()
         await self.redis.aclose()
         logger.info(
             "nats consumer stopped: %d received, %d delivered, %d dead-lettered, "
