@@ -87,8 +87,9 @@ class Together:
     until then, so their ids stay theirs. A message refused twice (a stop
     giving up on what a timeout refused) counts once.
 
-    PERF: a future a message (made, resolved, awaited) was 7% of a bulk
-    message's CPU.
+    PERF: with a future a message (made, resolved, awaited), a bulk message
+    cost the worker 4.1 to 4.2 us of CPU; with this and :func:`_resolve`,
+    3.7 (one worker, 100 messages a request, 64 connections).
     """
 
     __slots__ = ("waiter", "refusals", "_left")
