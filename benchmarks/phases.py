@@ -597,8 +597,9 @@ def consumer_rows(bench: Bench, kinds: list[str]) -> None:
 
     Both targets are ratios to the bare nats-py publish loop, so one
     consumer of each kind drains its backlog or burst in rounds alternating
-    with that loop (see :func:`alternate`); measured a few minutes apart,
-    the NATS ratio read 0.30 in full runs and 0.32 to 0.35 alone. The
+    with that loop (see :func:`alternate`); measured once, minutes before
+    the burst, the loop put the NATS ratio at 0.297 to 0.312 in full runs
+    and 0.31 to 0.35 in runs of NATS alone, of the same code. The
     consumers of the other kind idle meanwhile. Then each is measured at
     half its rate, and two consumers of each kind drain once.
     """
