@@ -28,6 +28,7 @@ from redis.backoff import ExponentialBackoff
 from redis.connection import HiredisRespSerializer
 
 from common.errors import BrokerUnavailable
+from common.logs import RateLimited
 from common.message import Message
 from common.settings import Settings, redact_url
 
@@ -527,11 +528,20 @@ _ESCAPED = re.compile(r"\\(.)")
 
 
 def log_denied(logger: logging.Logger, topic: str) -> None:
-    logger.warning(
+    """Say that NATS refused to take messages to ``topic``: at most ten
+    lines in ten seconds for each logger, since a client may send to such a
+    topic as often as it likes."""
+    limited = _denials.get(logger.name)
+    if limited is None:
+        limited = _denials[logger.name] = RateLimited(logger)
+    limited.warning(
         "nats refused publishing to %r: the gateway's nats user lacks the "
         "permission; messages to it are refused, not confirmed",
         topic,
     )
+
+
+_denials: dict[str, RateLimited] = {}  # logger name -> its limit
 
 
 def hpub_frames(messages: Sequence[Message], end: bytes = b"") -> bytes:

@@ -287,6 +287,23 @@ def test_topic_outside_the_nats_allow_list_is_refused_not_confirmed(
     consumer.stop()
 
 
+def test_nats_refusals_are_logged_ten_times_at_most_in_ten_seconds(operator_mode):
+    """A client that keeps sending to a topic NATS refuses cannot flood the
+    log with the refusal: ten lines, then the rest are counted."""
+    creds, _, _ = operator_mode.operator.user("fanout", publish=["internal.>"])
+    gateway = operator_mode.launcher.start(
+        "fanout-http",
+        FANOUT_NATS_CREDS_FILE=str(creds),
+        FANOUT_REDIS_PASSWORD=REDIS_PASSWORD,
+        FANOUT_HTTP_WORKERS="1",
+    )
+    answers = [post_one(gateway, "outside.denied")[0].status_code for _ in range(15)]
+
+    assert answers == [403] * 15
+    line = "nats refused publishing to 'outside.denied'"
+    assert gateway.output().count(line) == 10
+
+
 def test_refused_topic_spares_a_topic_differing_only_in_case(operator_mode):
     """Subjects are case-sensitive: a refusal names one, with its case.
 
