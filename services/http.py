@@ -31,7 +31,7 @@ from common.errors import (
     RetryableError,
     error_body,
 )
-from common.message import Message, Parser
+from common.message import BULK_PEEK, Message, Parser
 from common.settings import Settings
 from common.tokens import Tokens, bearer
 from services.http_protocol import GuardedHttpTools
@@ -42,7 +42,7 @@ JSON = "application/json"
 NDJSON = "application/x-ndjson"
 # Bytes read before choosing a body's limit: only a JSON array may be larger
 # than one message.
-PEEK = 4096
+PEEK = BULK_PEEK
 # How long before uvicorn stops waiting for in-flight requests (half of
 # FANOUT_SHUTDOWN_TIMEOUT) the committer refuses what it still holds, so
 # that those requests are answered 503 rather than cut off.

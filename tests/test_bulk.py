@@ -339,4 +339,7 @@ def test_array_after_4_kib_of_spaces_is_one_body_however_it_is_sent(http):
 
     assert sized.status_code == chunked.status_code == 400
     assert sized.json() == chunked.json()
-    assert "not an array" in sized.json()["error"]
+    assert sized.json()["error"] == (
+        "request body is an array whose [ comes after its first 4096 bytes; a "
+        "bulk request's must come within them"
+    )
