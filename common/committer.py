@@ -175,6 +175,7 @@ class Committer:
         self._watch: asyncio.TimerHandle | None = None
         self._give_up_timer: asyncio.TimerHandle | None = None
         self._commit_task: asyncio.Task | None = None
+        self._given_up = False  # _give_up ran
         self.committed = 0
         self.batches = 0
         self.failed = 0
@@ -523,11 +524,14 @@ class Committer:
         """Stop committing; refuse, as retryable, what is still held.
 
         The batch in hand may already be on NATS: its senders are told so.
+        Once only: a second cancel would cut short the withdrawal of the
+        batch's audit entries (see :meth:`_publish_and_log`).
         """
         self._closing = True
         task = self._commit_task
-        if task is None or task.done():
+        if task is None or task.done() or self._given_up:
             return
+        self._given_up = True
         task.cancel()
         self._parse_waiting()
         in_hand = [

@@ -202,6 +202,8 @@ def test_http_stop_with_redis_frozen_answers_503_in_time(launch, brokers, signum
     assert exited < 5, exited
     assert "Exception in ASGI application" not in http.output()
     assert "http worker stopped" in http.output()
+    # The stop refuses what is held once, and says so once.
+    assert "shutdown: 0 messages still unconfirmed" not in http.output()
 
 
 def test_http_stop_with_nats_frozen_keeps_a_short_timeout(launch, brokers, rdb):
