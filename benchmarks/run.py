@@ -52,7 +52,7 @@ class Plan:
 
     mode: str
     seconds: float  # each maximum-rate and half-rate phase
-    backlog: int  # messages in the Redis backlog and in the NATS burst
+    backlog: int  # messages in each Redis backlog and each NATS burst
     max_count: int  # the count bound of a phase bounded by time
     soak_seconds: float
     only: tuple[str, ...] = ()  # front ends to measure; empty: all four
@@ -78,7 +78,7 @@ def parse_args(argv: list[str]) -> Plan:
         "--backlog",
         type=int,
         default=None,
-        help="messages in the Redis backlog and the NATS burst "
+        help="messages in each Redis backlog and each NATS burst "
         "(default: 150000, --quick: 30000)",
     )
     parser.add_argument(
@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_and_report(plan)
 
     # What the terminal shows of a run over all four front ends becomes
-    # latest.txt, once the run completes.
-    text = RESULTS / "latest.txt.tmp"
+    # latest.txt (quick.txt for a quick run), once the run completes.
+    text = RESULTS / f"{_stem(plan)}.txt.tmp"
     with text.open("w") as copy:
         terminal, sys.stdout = sys.stdout, _Copied(sys.stdout, copy)
         try:
@@ -214,10 +214,16 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             sys.stdout = terminal
     if status == 0:
-        text.replace(RESULTS / "latest.txt")
+        text.replace(RESULTS / f"{_stem(plan)}.txt")
     else:
         text.unlink()
     return status
+
+
+def _stem(plan: Plan) -> str:
+    """The results' file name: ``latest`` for a full run, the figures the
+    README shows; a quick run's go beside them, not over them."""
+    return "latest" if plan.mode == "full" else plan.mode
 
 
 def _run_and_report(plan: Plan) -> int:
@@ -242,9 +248,10 @@ def _run_and_report(plan: Plan) -> int:
         report.write_json(results, RESULTS / "partial.json")
         print(f"wrote {RESULTS / 'partial.json'}")
     else:
-        report.write_json(results, RESULTS / "latest.json")
-        report.write_chart(results, RESULTS / "latest.png")
-        print(f"wrote {RESULTS / 'latest.json'}, latest.png and latest.txt")
+        stem = _stem(plan)
+        report.write_json(results, RESULTS / f"{stem}.json")
+        report.write_chart(results, RESULTS / f"{stem}.png")
+        print(f"wrote {RESULTS / stem}.json, {stem}.png and {stem}.txt")
     shutil.rmtree(work_dir, ignore_errors=True)
     return 0
 
