@@ -176,6 +176,9 @@ class Committer:
         self._give_up_timer: asyncio.TimerHandle | None = None
         self._commit_task: asyncio.Task | None = None
         self._given_up = False  # _give_up ran
+        # Entries of messages NATS refused, which a failed audit write may
+        # still add: removed once Redis answers again.
+        self._in_doubt: list[bytes] = []
         self.committed = 0
         self.batches = 0
         self.failed = 0
@@ -379,7 +382,11 @@ class Committer:
         try:
             if written.error is None:
                 entries = [audit_entry(m) for m in messages]
-                await self._append_audit(entries)
+                try:
+                    await self._append_audit(entries)
+                except BrokerUnavailable:
+                    await self._note_refused_meanwhile(written, entries)
+                    raise
             denied = await self._confirm(written, deadline, entries)
         except asyncio.CancelledError:
             # A stop gave up on this batch (_give_up); its senders are told
@@ -426,6 +433,33 @@ class Committer:
             self.logger.info("nats confirms messages again")
         return denied
 
+    async def _note_refused_meanwhile(
+        self, written: Written, entries: list[bytes]
+    ) -> None:
+        """After an audit write that failed, which a stalled Redis may
+        still run when it resumes: keep the entries of the messages whose
+        topics NATS refused meanwhile, to be removed once Redis answers
+        again. Their senders' retries are refused for the topic, so the
+        entries would otherwise stay."""
+        if written.pong is None or not written.pong.done():
+            return  # NATS has not answered: nothing is known yet
+        try:
+            denied = await self.nats.confirm(written, timeout=0)
+        except BrokerUnavailable:
+            return
+        refused = [
+            entry
+            for entry, message in zip(entries, written.messages, strict=True)
+            if message.topic in denied
+        ]
+        if refused:
+            self.logger.warning(
+                "%d audit entries of messages nats refused may still be written "
+                "by the stalled redis; they are removed once it answers again",
+                len(refused),
+            )
+            self._in_doubt += refused
+
     async def _wait_until_usable(self, deadline: float) -> None:
         # Wait for NATS rather than publish into nats-py's reconnect buffer:
         # a message buffered there could be refused to the client and still
@@ -454,6 +488,12 @@ class Committer:
                 raise BrokerUnavailable("redis is unreachable") from exc
             self._redis_ok = True
             self.logger.info("redis audit writes resumed")
+            if self._in_doubt:
+                # The stalled write ran before this answer, if at all.
+                entries, self._in_doubt = self._in_doubt, []
+                await self._withdraw(
+                    entries, "nats refused their topics while redis stalled"
+                )
 
     async def _append_audit(self, entries: list[bytes]) -> None:
         try:
