@@ -288,16 +288,23 @@ def test_topic_outside_the_nats_allow_list_is_refused_not_confirmed(
     consumer.stop()
 
 
-def test_nats_refusals_are_logged_ten_times_at_most_in_ten_seconds(operator_mode):
-    """A client that keeps sending to a topic NATS refuses cannot flood the
-    log with the refusal: ten lines, then the rest are counted."""
+def start_internal_only(operator_mode: OperatorMode, **settings: str) -> Gateway:
+    """fanout-http with one worker, as a NATS user that may publish to
+    ``internal.>`` only."""
     creds, _, _ = operator_mode.operator.user("fanout", publish=["internal.>"])
-    gateway = operator_mode.launcher.start(
+    return operator_mode.launcher.start(
         "fanout-http",
         FANOUT_NATS_CREDS_FILE=str(creds),
         FANOUT_REDIS_PASSWORD=REDIS_PASSWORD,
         FANOUT_HTTP_WORKERS="1",
+        **settings,
     )
+
+
+def test_nats_refusals_are_logged_ten_times_at_most_in_ten_seconds(operator_mode):
+    """A client that keeps sending to a topic NATS refuses cannot flood the
+    log with the refusal: ten lines, then the rest are counted."""
+    gateway = start_internal_only(operator_mode)
     answers = [post_one(gateway, "outside.denied")[0].status_code for _ in range(15)]
 
     assert answers == [403] * 15
@@ -311,14 +318,7 @@ def test_stalled_redis_leaves_no_entry_for_a_topic_nats_refused(operator_mode):
     resumed Redis runs adds both entries, and the refused topic's is removed
     once Redis answers again, so the retry (refused for its topic) leaves
     none for it."""
-    creds, _, _ = operator_mode.operator.user("fanout", publish=["internal.>"])
-    gateway = operator_mode.launcher.start(
-        "fanout-http",
-        FANOUT_NATS_CREDS_FILE=str(creds),
-        FANOUT_REDIS_PASSWORD=REDIS_PASSWORD,
-        FANOUT_HTTP_WORKERS="1",
-        FANOUT_PUBLISH_TIMEOUT="1",
-    )
+    gateway = start_internal_only(operator_mode, FANOUT_PUBLISH_TIMEOUT="1")
     url = f"http://127.0.0.1:{gateway.port}/MESSAGES"
     body = [
         {"message": {"topic": "internal.ok", "n": 1}, "id": "ok-1"},
