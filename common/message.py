@@ -47,7 +47,7 @@ _VALID_SUBJECT = re.compile(rf"{_TOKEN}(?:\.{_TOKEN})*")
 # An HTTP body is a bulk request when its first byte other than whitespace,
 # within this many bytes, is "[".
 BULK_PEEK = 4096
-_VALID_ID = re.compile(r"[A-Za-z0-9._:\-]+", re.ASCII)
+VALID_ID = re.compile(r"[A-Za-z0-9._:\-]+", re.ASCII)
 
 
 @dataclass(slots=True)
@@ -175,7 +175,7 @@ def _check_id(value: object) -> str | None:
         return None
     if not isinstance(value, str):
         raise RejectedError(f'"id" must be a string, not {describe(value)}')
-    if not 0 < len(value) <= MAX_ID_LENGTH or not _VALID_ID.fullmatch(value):
+    if not 0 < len(value) <= MAX_ID_LENGTH or not VALID_ID.fullmatch(value):
         raise RejectedError(
             f'"id" must be 1 to {MAX_ID_LENGTH} characters of letters, digits '
             "and . _ : -"

@@ -40,7 +40,7 @@ from common.brokers import (
 )
 from common.committer import BATCH_BYTES
 from common.consumer import confirm, retry, sort_batch, split_denied
-from common.message import Message, MessageIds, Parser
+from common.message import VALID_ID, Message, MessageIds, Parser
 from common.settings import Settings
 
 logger = logging.getLogger("fanout.redis")
@@ -353,12 +353,29 @@ class RedisConsumer:
         if not taken:
             return commit, None
         entry, items = taken
-        prefix = entry[: entry.rindex(b" ")].decode()
+        prefix = self._id_prefix(entry)
         ids = [f"{prefix}{n}" for n in range(1, len(items) + 1)]
         pairs = zip(ids, items, strict=True)
         messages, dead = sort_batch(self.parser, pairs, self.refusals)
         written = await self.nats.send(messages) if messages else None
         return commit, Flight(entry, len(items), messages, dead, written)
+
+    def _id_prefix(self, entry: bytes) -> str:
+        """The id prefix a batch-list entry records (``<prefix> <count>``).
+
+        Ids go unescaped into NATS headers and audit entries. An entry that
+        this consumer could not have written (the list edited by hand)
+        gives its items new ids instead, and says so.
+        """
+        prefix = entry.rpartition(b" ")[0].decode(errors="replace")
+        if VALID_ID.fullmatch(prefix):
+            return prefix
+        logger.error(
+            "batch entry %r on %s does not record an id prefix; its items get new ids",
+            entry,
+            self.batch_list,
+        )
+        return f"{self.ids.prefix}-{self.batches:x}r."
 
     async def _confirm(self, flight: "Flight") -> "Commit | None":
         """What committing a written batch takes, once NATS has it all.

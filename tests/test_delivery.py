@@ -82,6 +82,22 @@ def test_items_put_on_a_processing_list_by_hand_are_delivered(launch, subscriber
     assert rdb.llen("MESSAGES:log") == 30
 
 
+def test_hand_edited_batch_entry_gives_its_items_new_ids(launch, subscriber, rdb):
+    """A batch entry no consumer wrote (its id prefix holds a quote): its
+    items are delivered with new ids, and their audit entries stay JSON."""
+    rdb.rpush("MESSAGES:processing:edited", *items(30))
+    rdb.rpush("MESSAGES:batches:edited", b'say "hi" 30')
+    consumer = launch.start("fanout-redis", FANOUT_CONSUMER_NAME="edited")
+    seen = numbers_with_ids(subscriber.wait_for(30, "internal.batch", timeout=15))
+
+    assert sorted(seen) == list(range(30))
+    assert wait_until(lambda: rdb.llen("MESSAGES:log") == 30)
+    entries = [orjson.loads(e) for e in rdb.lrange("MESSAGES:log", 0, -1)]
+    assert {e["id"] for e in entries} == {i for ids in seen.values() for i in ids}
+    assert all('"' not in e["id"] for e in entries)
+    consumer.wait_for_log("does not record an id prefix; its items get new ids")
+
+
 def test_two_consumers_share_a_list_without_duplicates(launch, subscriber, rdb):
     """Two consumers on one list: 2,000 items, each delivered exactly once."""
     launch.start("fanout-redis", FANOUT_CONSUMER_NAME="a", FANOUT_BATCH_SIZE="50")
