@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import redis.asyncio as aioredis
 
@@ -104,19 +104,25 @@ class Together:
         went away (its waiter cancelled)."""
         return self.waiter.done()
 
-    def confirmed(self, count: int) -> None:
-        """``count`` more of the messages are confirmed."""
-        self._settled(count)
-
     def refuse(self, message: Message, exc: FanoutError) -> None:
         if id(message) not in self.refusals:
             self.refusals[id(message)] = exc
-            self._settled(1)
+            self.settled(1)
 
-    def _settled(self, count: int) -> None:
+    def settled(self, count: int) -> None:
+        """``count`` more of the messages are confirmed (or, from
+        :meth:`refuse`, refused)."""
         self._left -= count
         if not self._left and not self.waiter.done():
             self.waiter.set_result(self.refusals)
+
+
+def _entries_to(
+    topics: set[str], entries: list[bytes], messages: Sequence[Message]
+) -> list[bytes]:
+    """The audit entries, of ``entries`` written for ``messages``, of the
+    messages to ``topics``."""
+    return [e for e, m in zip(entries, messages, strict=True) if m.topic in topics]
 
 
 def _resolve(items: list[_Item]) -> None:
@@ -134,12 +140,12 @@ def _resolve(items: list[_Item]) -> None:
             run += 1
         elif type(waiter) is Together:
             if together is not None:
-                together.confirmed(run)
+                together.settled(run)
             together, run = waiter, 1
         elif not waiter.done():
             waiter.set_result(message)
     if together is not None:
-        together.confirmed(run)
+        together.settled(run)
 
 
 class Committer:
@@ -397,9 +403,7 @@ class Committer:
                 )
             raise
         if denied:
-            refused = [
-                e for e, m in zip(entries, messages, strict=True) if m.topic in denied
-            ]
+            refused = _entries_to(denied, entries, messages)
             await self._withdraw(refused, "nats refused their topics")
             live = self._fail_denied(live, denied)
         return live
@@ -447,11 +451,7 @@ class Committer:
             denied = await self.nats.confirm(written, timeout=0)
         except BrokerUnavailable:
             return
-        refused = [
-            entry
-            for entry, message in zip(entries, written.messages, strict=True)
-            if message.topic in denied
-        ]
+        refused = _entries_to(denied, entries, written.messages)
         if refused:
             self.logger.warning(
                 "%d audit entries of messages nats refused may still be written "
