@@ -120,6 +120,13 @@ def _redis_url(text: str) -> str:
     scheme in lower case (the rest of the gateway tells TLS by it)."""
     scheme, sep, rest = _single_url(("redis", "rediss"))(text).partition("://")
     url = scheme.lower() + sep + rest
+    path = urlsplit(url).path
+    if path not in ("", "/") and not re.fullmatch(r"/[0-9]+", path):
+        # redis-py would quietly use database 0.
+        raise ValueError(
+            f"{_redact(url)}: its path must be a database number, as in /0, "
+            f"not {path!r}"
+        )
     from redis.asyncio.connection import Connection, SSLConnection, parse_url
 
     try:
@@ -266,9 +273,9 @@ def _redact(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None and parts.username is None:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    # What follows the credentials, as written: reading ``parts.port``
+    # raises on a bad port, which the caller is about to report.
+    host = parts.netloc.rpartition("@")[2]
     return parts._replace(netloc=f"***@{host}").geturl()
 
 

@@ -364,6 +364,35 @@ def test_certificate_with_another_certificates_key_is_refused(pki):
     assert "KEY_VALUES_MISMATCH" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "name,url",
+    [
+        ("FANOUT_NATS_URL", "nats://u:hunter2@127.0.0.1:99999"),
+        ("FANOUT_NATS_URL", "nats://h:4222,nats://u:hunter2@h:x"),
+        ("FANOUT_REDIS_URL", "redis://:hunter2@127.0.0.1:99999/0"),
+    ],
+)
+def test_bad_port_beside_a_password_is_reported_masked(name, url):
+    """A bad port in a URL with credentials is a bad setting like any other
+    (it used to end in a traceback and exit 1), and the password stays
+    hidden."""
+    with pytest.raises(ConfigError) as caught:
+        settings.load({name: url})
+    assert "has a bad port" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize("path", ["/abc", "/0/1", "/-1"])
+def test_redis_url_path_must_be_a_database_number(path):
+    """redis-py would use database 0 for a path it cannot read."""
+    with pytest.raises(ConfigError) as caught:
+        settings.load({"FANOUT_REDIS_URL": f"redis://h:6379{path}"})
+    assert str(caught.value) == (
+        f"FANOUT_REDIS_URL='redis://h:6379{path}': redis://h:6379{path}: its path "
+        f"must be a database number, as in /0, not {path!r}"
+    )
+
+
 def test_password_in_a_bad_url_is_not_echoed():
     """A refused URL is shown with its password masked."""
     with pytest.raises(ConfigError) as caught:
