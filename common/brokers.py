@@ -460,6 +460,23 @@ class NatsLink:
             return set()
         return {m.topic for m in written.messages if m.topic in denied}
 
+    def may_confirm(self, written: "Written") -> bool:
+        """Whether NATS may still confirm ``written``: it was written whole
+        to the connection that is still up, and its PONG has not failed.
+
+        Waiting for it again is then enough; a batch written again would
+        reach subscribers twice.
+        """
+        pong = written.pong
+        if written.error is not None or pong is None:
+            return False
+        if pong.done() and (pong.cancelled() or pong.exception() is not None):
+            return False
+        if written.dropped is not None and written.dropped.done():
+            return False
+        nc = self.nc
+        return nc.is_connected and nc.stats["reconnects"] == written.reconnects
+
     async def _write_with_ping(self, messages: Sequence[Message]) -> asyncio.Future:
         """Write ``messages`` and a PING; the future its PONG resolves.
 
@@ -666,14 +683,16 @@ class AuditLog:
         self.dead_key = dead_key  # the dead-letter list, for a consumer
         self.timeout = pool.connection_kwargs["socket_timeout"]  # seconds
 
-    async def append(self, entries: list[bytes], dead: Sequence[bytes] = ()) -> None:
-        """RPUSH ``entries``, and the ``dead`` letters to their list, in one
-        write; raises redis-py's errors or TimeoutError."""
-        commands = [("RPUSH", self.key, *entries)] if entries else []
+    async def append(self, entries: Sequence[bytes]) -> None:
+        """RPUSH ``entries`` to the audit log; raises redis-py's errors or
+        TimeoutError."""
+        if entries:
+            await self._run([("RPUSH", self.key, *entries)])
+
+    async def append_dead(self, dead: Sequence[bytes]) -> None:
+        """RPUSH ``dead`` letters to the dead-letter list, as :meth:`append`."""
         if dead:
-            commands.append(("RPUSH", self.dead_key, *dead))
-        if commands:
-            await self._run(commands)
+            await self._run([("RPUSH", self.dead_key, *dead)])
 
     async def withdraw(self, entries: list[bytes]) -> None:
         """Remove ``entries``, each its last copy, counted from the tail,

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoPermissionError
+from redis.exceptions import ResponseError
 
 from common.audit import dead_entry
 from common.brokers import NatsLink, Written, backoff_delays, log_denied
@@ -84,17 +84,20 @@ async def confirm(
 ) -> set[str] | None:
     """Wait until NATS has ``messages``, written earlier as ``written``.
 
-    A batch NATS did not confirm is published again, whole, until it is
-    (see :func:`retry`). The topics NATS refused, or None once ``give_up()``
+    A batch NATS did not confirm in time is waited for again while the
+    connection it was written to is up: the server reads a connection in
+    order, so it has the batch once it answers, and writing it again would
+    deliver it twice. A batch whose connection dropped, or whose write
+    failed, is published again, whole, until NATS confirms it (see
+    :func:`retry`). The topics NATS refused, or None once ``give_up()``
     says so.
     """
 
-    def attempt() -> Awaitable[set[str]]:
+    async def attempt() -> set[str]:
         nonlocal written
-        if written is None:
-            return nats.publish(messages, timeout)
-        first, written = written, None
-        return nats.confirm(first, timeout)
+        if written is None or not nats.may_confirm(written):
+            written = await nats.send(messages)
+        return await nats.confirm(written, timeout)
 
     return await retry(
         attempt, f"publishing {len(messages)} messages to nats", logger, give_up
@@ -121,19 +124,18 @@ async def retry(
             RetryableError,
             aioredis.ConnectionError,
             aioredis.TimeoutError,
-            NoPermissionError,
+            ResponseError,
             OSError,
         ) as exc:
-            # Outages are retried, and so is a Redis ACL that does not allow
-            # the command (the operator can fix it; meanwhile nothing held
-            # is dropped). Any other refused command is a bug that retrying
-            # would hide.
+            # Outages are retried, and so is a command Redis refuses: an
+            # ACL that does not allow it, a key of the wrong type, a full
+            # memory. The operator can fix those while nothing held is
+            # dropped; a consumer that exited instead would be given up on
+            # by its supervisor and leave its list unread.
             failures += 1
             if failures == 1:
                 level = (
-                    logging.ERROR
-                    if isinstance(exc, NoPermissionError)
-                    else logging.WARNING
+                    logging.ERROR if isinstance(exc, ResponseError) else logging.WARNING
                 )
                 logger.log(level, "%s failed (%s); retrying", what, _brief(exc))
             if give_up():

@@ -199,11 +199,20 @@ class NatsConsumer:
         messages, dead = taken.messages, taken.dead
         entries = [audit_entry(m) for m in messages]
         await retry(
-            lambda: self.audit.append(entries, dead),
+            lambda: self.audit.append(entries),
             "writing the audit log",
             logger,
             lambda: False,
         )
+        if dead:
+            # A write of its own: should Redis refuse one list (a key of
+            # the wrong type), the retry does not append the other again.
+            await retry(
+                lambda: self.audit.append_dead(dead),
+                "writing the dead-letter list",
+                logger,
+                lambda: False,
+            )
         self.delivered += len(messages)
         self.dead_lettered += len(dead)
         self.taken.remove(taken)

@@ -63,8 +63,18 @@ MAX_BATCH = 5000  # items per take; Lua's unpack() has a stack limit near 8000
 # a lost reply cannot trim or log twice. A batch the processing list holds
 # past the skipped one is taken first: one an earlier run of this consumer
 # took and did not finish, or one taken over from a dead consumer. Answers
-# {batch entry, items}, or {} when there is nothing to take.
+# {batch entry, items}, or {} when there is nothing to take. A key that is
+# not a list stops the script before it writes anything: Redis would not
+# undo the writes made before the failing command, and the retry would
+# then log the batch twice.
 STEP = """
+for i = 1, 5 do
+  local kind = redis.call('TYPE', KEYS[i]).ok
+  if kind ~= 'list' and kind ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. kind ..
+      ', not a list; nothing was taken or committed')
+  end
+end
 local first, done, audits = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 if done > 0 and redis.call('LINDEX', KEYS[3], 0) == first then
   if audits > 0 then
@@ -169,6 +179,8 @@ class RedisConsumer:
         self.settings = settings
         self.stopping = stopping
         self.name = consumer_name(settings)
+        # The heartbeat's value: which process holds the name.
+        self.holder = f"{socket.gethostname()} {os.getpid()}"
         self.processing, self.batch_list, self.heartbeat = self._keys(self.name)
         self.batch_size = min(settings.batch_size, MAX_BATCH)
         # How many items a take asks for: as many as fit BATCH_BYTES at the
@@ -197,6 +209,9 @@ class RedisConsumer:
             self.redis, self.settings.redis_url, logger, self.stopping
         ):
             await self.nats.close()
+            return 0
+        if not await self._claim_name():
+            await self._close_connections()
             return 0
         logger.info(
             "redis consumer %s taking from %s (processing list %s)",
@@ -417,12 +432,73 @@ class RedisConsumer:
         deadline = self._stop_deadline
         return deadline is not None and asyncio.get_running_loop().time() >= deadline
 
+    async def _claim_name(self) -> bool:
+        """Hold this consumer's name (its heartbeat key) before taking
+        anything; False if stopping came first.
+
+        Two processes under one name would take batches off one processing
+        list and publish them twice. While a live process holds the name,
+        this one waits for it to stop or for its heartbeat to expire. The
+        holder is not waited for if it was this host's process and is gone:
+        this consumer's own run before a crash.
+        """
+        ttl = self.settings.consumer_ttl
+        said = False
+        while not self.stopping.is_set():
+            try:
+                ms = int(ttl * 1000)
+                claimed = await self.redis.set(
+                    self.heartbeat, self.holder, nx=True, px=ms
+                )
+                holder = "" if claimed else await self._holder()
+                if claimed or not holder or self._gone(holder):
+                    await self.redis.set(self.heartbeat, self.holder, px=ms)
+                    if said:
+                        logger.info("consumer name %s is free again", self.name)
+                    return True
+                if not said:
+                    said = True
+                    logger.error(
+                        "consumer name %s is held by a live consumer (%s, "
+                        "heartbeat key %s); waiting until it stops or its "
+                        "heartbeat expires: give each consumer a name of its own",
+                        self.name,
+                        holder,
+                        self.heartbeat,
+                    )
+            except (aioredis.RedisError, OSError):
+                pass  # wait_for_redis has seen it answer; try again
+            try:
+                await asyncio.wait_for(self.stopping.wait(), ttl / 3)
+            except TimeoutError:
+                pass
+        return False
+
+    async def _holder(self) -> str:
+        value = await self.redis.get(self.heartbeat)
+        return "" if value is None else value.decode(errors="replace")
+
+    def _gone(self, holder: str) -> bool:
+        """Whether the heartbeat's ``holder`` is a process that is gone."""
+        if holder == self.holder:
+            return True  # this host and pid: a run before this one
+        host, _, pid = holder.rpartition(" ")
+        if host != socket.gethostname() or not pid.isdigit():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # alive, another user's
+        return False
+
     async def _beat(self) -> None:
         while True:
             try:
                 await self.redis.set(
                     self.heartbeat,
-                    os.getpid(),
+                    self.holder,
                     px=int(self.settings.consumer_ttl * 1000),
                 )
             except (aioredis.RedisError, OSError):
@@ -455,6 +531,11 @@ class RedisConsumer:
                     name,
                 )
 
+    async def _close_connections(self) -> None:
+        await self.nats.close()
+        await self.redis.aclose()
+        await self.waiter.aclose()
+
     async def _shutdown(self) -> None:
         logger.info("redis consumer stopping")
         try:
@@ -474,9 +555,7 @@ class RedisConsumer:
                 exc,
                 self.processing,
             )
-        await self.nats.close()
-        await self.redis.aclose()
-        await self.waiter.aclose()
+        await self._close_connections()
         logger.info(
             "redis consumer stopped: %d delivered, %d dead-lettered",
             self.delivered,

@@ -113,6 +113,27 @@ def test_two_consumers_share_a_list_without_duplicates(launch, subscriber, rdb):
     assert rdb.llen("MESSAGES:log") == 2000
 
 
+def test_second_consumer_under_one_name_waits_for_the_first(launch, subscriber, rdb):
+    """A consumer started under a name a live one holds waits, and says so,
+    instead of taking batches off the same processing list: each item is
+    delivered once, by the first, then by the second once the first stops.
+    (Both used to consume, and every item arrived twice.)"""
+    first = launch.start("fanout-redis", FANOUT_CONSUMER_NAME="twin")
+    second = launch.start("fanout-redis", ready=False, FANOUT_CONSUMER_NAME="twin")
+    second.wait_for_log("consumer name twin is held by a live consumer")
+    rdb.rpush("MESSAGES", *items(500))
+    subscriber.wait_for(500, "internal.batch")
+
+    first.stop()
+    second.wait_for_log("redis consumer twin taking from")
+    rdb.rpush("MESSAGES", *items(500)[:100])
+    subscriber.wait_for(600, "internal.batch")
+    time.sleep(0.5)  # room for a second copy
+    numbers = [orjson.loads(m.data)["n"] for m in subscriber.received("internal.batch")]
+    assert sorted(numbers) == sorted(list(range(500)) + list(range(100)))
+    assert "consumer name twin is free again" in second.output()
+
+
 def test_idle_consumer_stays_quiet_and_wakes_at_once(launch, subscriber, rdb):
     """60 s idle with a 1 s block timeout: no warnings, then prompt delivery."""
     consumer = launch.start("fanout-redis", FANOUT_REDIS_BLOCK_TIMEOUT="1")

@@ -16,7 +16,7 @@ import orjson
 import pytest
 import requests
 
-from tests.support import Subscriber, free_port, nats_server, wait_until
+from tests.support import Subscriber, audit_log, free_port, nats_server, wait_until
 from tests.traffic import Traffic, keys_with_ids
 
 # What a sender may be told while NATS is away: each says to try again.
@@ -395,3 +395,85 @@ def test_nats_frozen_then_killed_and_restarted_loses_no_accepted_message(
     assert refused == {"nats connection dropped before the message was confirmed"}
     captured = set().union(*read_stream(url, "CAPTURE").values())
     assert accepted <= captured, sorted(accepted - captured)[:5]
+
+
+def publish_on_ingress(url: str, payloads: list[bytes]) -> None:
+    async def send():
+        nc = await nats.connect(url)
+        for payload in payloads:
+            await nc.publish("MESSAGES", payload)
+        await nc.flush()
+        await nc.close()
+
+    asyncio.run(send())
+
+
+def test_consumer_waits_out_a_frozen_nats_and_delivers_each_message_once(
+    launch, brokers, subscriber, rdb
+):
+    """A consumer whose batch NATS does not confirm in time, on a connection
+    that stays up, waits for it again instead of writing it again: once NATS
+    thaws, each message arrives once. (It used to arrive once for every
+    timeout: three times after a freeze of a few seconds.) The Redis consumer
+    shows it; the NATS consumer confirms its batches with the same code
+    (``common.consumer.confirm``), but its messages come through NATS, so
+    no test can hold one in its hands at the moment NATS freezes."""
+    consumer = launch.start("fanout-redis", FANOUT_PUBLISH_TIMEOUT="1")
+    payloads = [orjson.dumps({"topic": "internal.thaw", "n": n}) for n in range(50)]
+    brokers.nats.proc.send_signal(signal.SIGSTOP)
+    try:
+        rdb.rpush("MESSAGES", *payloads)
+        consumer.wait_for_log("nats did not confirm the message in time")
+        time.sleep(3)  # past several more publish timeouts
+    finally:
+        brokers.nats.proc.send_signal(signal.SIGCONT)
+
+    subscriber.wait_for(50, "internal.thaw")
+    assert wait_until(lambda: len(audit_log(rdb)) == 50)
+    time.sleep(1)  # room for copies still on their way
+    numbers = sorted(
+        orjson.loads(m.data)["n"] for m in subscriber.received("internal.thaw")
+    )
+    assert numbers == list(range(50))
+    assert len(audit_log(rdb)) == 50
+
+
+@pytest.mark.parametrize(
+    "ingress,key",
+    [
+        ("redis", "MESSAGES"),
+        ("redis", "MESSAGES:dead"),
+        ("nats", "MESSAGES:log"),
+        ("nats", "MESSAGES:dead"),
+    ],
+)
+def test_a_list_key_holding_a_string_holds_a_consumer_up_until_it_is_fixed(
+    launch, brokers, subscriber, rdb, ingress, key
+):
+    """A list key that holds a string (an operator's slip) makes Redis refuse
+    the consumer: it logs why and retries, and once the key is a list again
+    it delivers, audits and dead-letters each message once. (It used to exit,
+    and supervisord gave it up after a few restarts.)"""
+    rdb.set(key, "not a list")
+    consumer = launch.start(f"fanout-{ingress}")
+    items = [b"nope", b'{"topic": "internal.fixed"}']
+    if ingress == "nats":
+        publish_on_ingress(brokers.nats_url, items)
+    elif key != "MESSAGES":
+        rdb.rpush("MESSAGES", *items)
+    consumer.wait_for_log("WRONGTYPE")
+    time.sleep(1.5)  # retried meanwhile
+    assert consumer.proc.poll() is None, consumer.output()
+    assert "Traceback" not in consumer.output()
+
+    rdb.delete(key)
+    if key == "MESSAGES":
+        rdb.rpush("MESSAGES", *items)
+    subscriber.wait_for(1, "internal.fixed")
+    assert wait_until(
+        lambda: rdb.llen("MESSAGES:dead") == 1 and len(audit_log(rdb)) == 1
+    )
+    time.sleep(0.5)  # room for a second copy of either
+    assert len(audit_log(rdb)) == 1
+    assert rdb.llen("MESSAGES:dead") == 1
+    assert len(subscriber.received("internal.fixed")) == 1
