@@ -457,3 +457,43 @@ def test_consumer_stops_while_nats_is_unreachable(launch, program):
     assert exit_code == 0
     assert time.monotonic() - stopped < 2.5
     assert "Traceback" not in consumer.output()
+
+
+@pytest.mark.parametrize("program", ["fanout-ws", "fanout-redis", "fanout-nats"])
+def test_hup_stops_gracefully_and_starts_again(
+    launch, brokers, subscriber, rdb, program
+):
+    """HUP is a graceful stop followed by a fresh start in the same process
+    (as HUP reloads gunicorn's workers); it used to end these programs at
+    once, holding messages unfinished. Messages sent after it are delivered."""
+    gateway = launch.start(program)
+    pid = gateway.proc.pid
+    gateway.proc.send_signal(signal.SIGHUP)
+    gateway.wait_for_log("stopped on HUP; starting again")
+    assert wait_until(lambda: gateway.output().count("nats connected") == 2)
+    assert gateway.proc.poll() is None and gateway.proc.pid == pid
+
+    message = json.dumps({"topic": "internal.after-hup"})
+    if program == "fanout-ws":
+        assert wait_until(lambda: not port_is_free(gateway.port))
+        client = websocket.create_connection(
+            f"ws://127.0.0.1:{gateway.port}/MESSAGES", timeout=10
+        )
+        client.send(message)
+        assert json.loads(client.recv())["status"] == "accepted"
+        client.close()
+    elif program == "fanout-redis":
+        assert wait_until(lambda: gateway.output().count("taking from") == 2)
+        rdb.rpush("MESSAGES", message)
+    else:
+        assert wait_until(lambda: gateway.output().count("subscribed to") == 2)
+
+        async def publish():
+            nc = await nats.connect(brokers.nats_url)
+            await nc.publish("MESSAGES", message.encode())
+            await nc.flush()
+            await nc.close()
+
+        asyncio.run(publish())
+    subscriber.wait_for(1, "internal.after-hup")
+    assert "Traceback" not in gateway.output()
