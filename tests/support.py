@@ -228,6 +228,19 @@ class Subscriber:
         self._loop.close()
 
 
+def publish(url: str, payloads: list[bytes], subject: str = "MESSAGES") -> None:
+    """Publish ``payloads`` to ``subject`` (the NATS ingress) and flush."""
+
+    async def send():
+        nc = await nats.connect(url)
+        for payload in payloads:
+            await nc.publish(subject, payload)
+        await nc.flush()
+        await nc.close()
+
+    asyncio.run(send())
+
+
 def audit_log(client: redis.Redis, key: str = "MESSAGES:log") -> list[bytes]:
     return client.lrange(key, 0, -1)
 

@@ -16,7 +16,14 @@ import orjson
 import pytest
 import requests
 
-from tests.support import Subscriber, audit_log, free_port, nats_server, wait_until
+from tests.support import (
+    Subscriber,
+    audit_log,
+    free_port,
+    nats_server,
+    publish,
+    wait_until,
+)
 from tests.traffic import Traffic, keys_with_ids
 
 # What a sender may be told while NATS is away: each says to try again.
@@ -397,17 +404,6 @@ def test_nats_frozen_then_killed_and_restarted_loses_no_accepted_message(
     assert accepted <= captured, sorted(accepted - captured)[:5]
 
 
-def publish_on_ingress(url: str, payloads: list[bytes]) -> None:
-    async def send():
-        nc = await nats.connect(url)
-        for payload in payloads:
-            await nc.publish("MESSAGES", payload)
-        await nc.flush()
-        await nc.close()
-
-    asyncio.run(send())
-
-
 def test_consumer_waits_out_a_frozen_nats_and_delivers_each_message_once(
     launch, brokers, subscriber, rdb
 ):
@@ -458,7 +454,7 @@ def test_a_list_key_holding_a_string_holds_a_consumer_up_until_it_is_fixed(
     consumer = launch.start(f"fanout-{ingress}")
     items = [b"nope", b'{"topic": "internal.fixed"}']
     if ingress == "nats":
-        publish_on_ingress(brokers.nats_url, items)
+        publish(brokers.nats_url, items)
     elif key != "MESSAGES":
         rdb.rpush("MESSAGES", *items)
     consumer.wait_for_log("WRONGTYPE")

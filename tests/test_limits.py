@@ -1,6 +1,5 @@
 """Size limits on every ingress, with a NATS server that takes 2 MB payloads."""
 
-import asyncio
 import json
 import socket
 
@@ -9,8 +8,8 @@ import requests
 import websocket
 
 from tests.conftest import Brokers
-from tests.support import nats_server, redis_server, wait_until
-from tests.test_security import close_frame, dead_reasons, publish_ingress
+from tests.support import nats_server, publish, redis_server, wait_until
+from tests.test_security import close_frame, dead_reasons
 
 BIG = b'{"topic": "internal.big", "pad": "' + b"x" * 1_500_000 + b'"}'
 SMALL = [b'{"topic": "internal.small.%d"}' % i for i in range(10)]
@@ -87,7 +86,7 @@ def test_redis_oversized_item_is_dead_lettered(launch, subscriber, rdb):
 def test_nats_oversized_message_is_dead_lettered(launch, brokers, subscriber, rdb):
     """A 1.5 MB ingress message is dead-lettered, not retried; the ten pass."""
     launch.start("fanout-nats")
-    asyncio.run(publish_ingress(brokers.nats_url, [BIG, *SMALL]))
+    publish(brokers.nats_url, [BIG, *SMALL])
     assert dead_reasons(rdb, 1) == [TOO_LARGE]
     assert wait_until(lambda: len(subscriber.received("internal.")) >= 10)
     assert not subscriber.received("internal.big")

@@ -1,26 +1,13 @@
 """The NATS ingress, driven with nats-py as in the description."""
 
-import asyncio
 import json
 import signal
 
-import nats
 import orjson
 import pytest
 
 from services.nats_consumer import PENDING_MESSAGES
-from tests.support import audit_log, wait_until
-
-
-def publish(url: str, payloads: list[bytes], subject: str = "MESSAGES") -> None:
-    async def send():
-        nc = await nats.connect(url)
-        for payload in payloads:
-            await nc.publish(subject, payload)
-        await nc.flush()
-        await nc.close()
-
-    asyncio.run(send())
+from tests.support import audit_log, publish, wait_until
 
 
 def test_message_is_published_byte_identical_and_audited(

@@ -1,11 +1,9 @@
 """Hostile input and access control on every ingress, against real servers."""
 
-import asyncio
 import json
 import socket
 import time
 
-import nats
 import orjson
 import pytest
 import requests
@@ -14,7 +12,7 @@ import websocket
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 
-from tests.support import ROOT, audit_log, wait_until
+from tests.support import ROOT, audit_log, publish, wait_until
 
 WS_ONLY = "contains whitespace or a control character"
 EMPTY_TOKEN = "has an empty token (leading, trailing or double dot)"
@@ -129,19 +127,11 @@ def test_redis_dead_letters_every_hostile_topic(launch, subscriber, rdb):
     assert len(audit_log(rdb)) == 1
 
 
-async def publish_ingress(url: str, payloads: list[bytes]) -> None:
-    client = await nats.connect(url)
-    for payload in payloads:
-        await client.publish("MESSAGES", payload)
-    await client.flush()
-    await client.close()
-
-
 def test_nats_dead_letters_every_hostile_topic(launch, brokers, subscriber, rdb):
     """Hostile NATS ingress messages are dead-lettered; the connection stays up."""
     gateway = launch.start("fanout-nats")
     items = [orjson.dumps({"topic": topic}) for topic, _, _ in HOSTILE]
-    asyncio.run(publish_ingress(brokers.nats_url, [*items, b'{"topic": "internal.n"}']))
+    publish(brokers.nats_url, [*items, b'{"topic": "internal.n"}'])
 
     assert dead_reasons(rdb, len(HOSTILE)) == ERRORS
     subscriber.wait_for(1, "internal.")

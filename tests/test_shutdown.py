@@ -1,6 +1,5 @@
 """Graceful shutdown: finish what was taken, answer it, flush, exit 0."""
 
-import asyncio
 import concurrent.futures
 import json
 import signal
@@ -8,7 +7,6 @@ import subprocess
 import threading
 import time
 
-import nats
 import orjson
 import pytest
 import requests
@@ -20,6 +18,7 @@ from tests.support import (
     audit_log,
     free_port,
     port_is_free,
+    publish,
     wait_until,
 )
 
@@ -348,14 +347,10 @@ def test_nats_consumer_delivers_what_it_received_before_exit(
     """
     consumer = launch.start("fanout-nats")
 
-    async def burst():
-        nc = await nats.connect(brokers.nats_url)
-        for n in range(2000):
-            await nc.publish("MESSAGES", orjson.dumps({"topic": "internal.nb", "n": n}))
-        await nc.flush()
-        await nc.close()
-
-    asyncio.run(burst())
+    publish(
+        brokers.nats_url,
+        [orjson.dumps({"topic": "internal.nb", "n": n}) for n in range(2000)],
+    )
     time.sleep(0.2)
     consumer.signal(signal.SIGTERM)
     assert consumer.proc.wait(20) == 0
@@ -388,16 +383,9 @@ def test_nats_consumer_writes_what_it_could_not_deliver_to_its_log(
     )
     sent = [orjson.dumps({"topic": "internal.held", "n": n}) for n in range(300)]
 
-    async def burst():
-        nc = await nats.connect(brokers.nats_url)
-        for payload in sent:
-            await nc.publish("MESSAGES", payload)
-        await nc.flush()
-        await nc.close()
-
     brokers.redis.proc.send_signal(signal.SIGSTOP)
     try:
-        asyncio.run(burst())
+        publish(brokers.nats_url, sent)
         time.sleep(0.5)
         consumer.signal(signal.SIGTERM)
         status = consumer.proc.wait(20)
@@ -487,13 +475,6 @@ def test_hup_stops_gracefully_and_starts_again(
         rdb.rpush("MESSAGES", message)
     else:
         assert wait_until(lambda: gateway.output().count("subscribed to") == 2)
-
-        async def publish():
-            nc = await nats.connect(brokers.nats_url)
-            await nc.publish("MESSAGES", message.encode())
-            await nc.flush()
-            await nc.close()
-
-        asyncio.run(publish())
+        publish(brokers.nats_url, [message.encode()])
     subscriber.wait_for(1, "internal.after-hup")
     assert "Traceback" not in gateway.output()
