@@ -286,7 +286,7 @@ class NatsLink:
                     exc.__class__.__name__,
                     delay,
                 )
-                await _sleep_unless(stopping, delay)
+                await sleep_unless(stopping, delay)
                 continue
             if attempt.cancelled() or not attempt.done():
                 return False  # the stop came first
@@ -450,12 +450,11 @@ class NatsLink:
         # nats-py's flush() returns without a PONG when its read loop has
         # just died with the connection; only a PONG on the same, still
         # live connection confirms anything.
-        nc = self.nc
-        if not nc.is_connected or nc.stats["reconnects"] != written.reconnects:
+        if not self._on_its_connection(written):
             raise BrokerUnavailable(
                 "nats connection dropped before the message was confirmed"
             )
-        denied = nc.denied_subjects
+        denied = self.nc.denied_subjects
         if not denied:
             return set()
         return {m.topic for m in written.messages if m.topic in denied}
@@ -474,6 +473,10 @@ class NatsLink:
             return False
         if written.dropped is not None and written.dropped.done():
             return False
+        return self._on_its_connection(written)
+
+    def _on_its_connection(self, written: "Written") -> bool:
+        """Whether the connection ``written`` went out on is still up."""
         nc = self.nc
         return nc.is_connected and nc.stats["reconnects"] == written.reconnects
 
@@ -772,7 +775,7 @@ async def wait_for_redis(
                 exc.__class__.__name__,
                 delay,
             )
-            await _sleep_unless(stopping, delay)
+            await sleep_unless(stopping, delay)
             continue
         logger.info("redis connected to %s", redact_url(url))
         return True
@@ -793,7 +796,8 @@ async def first_of(*aws) -> None:
         task.result()
 
 
-async def _sleep_unless(event: asyncio.Event, delay: float) -> None:
+async def sleep_unless(event: asyncio.Event, delay: float) -> None:
+    """Sleep ``delay`` seconds, or less if ``event`` is set meanwhile."""
     try:
         await asyncio.wait_for(event.wait(), delay)
     except TimeoutError:

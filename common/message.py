@@ -45,7 +45,8 @@ HEADER_ALLOWANCE = 256  # bytes
 _TOKEN = r"[^\s.*>\x00-\x1f\x7f-\x9f]+"
 _VALID_SUBJECT = re.compile(rf"{_TOKEN}(?:\.{_TOKEN})*")
 # An HTTP body is a bulk request when its first byte other than whitespace,
-# within this many bytes, is "[".
+# within this many bytes, is "["; HTTP reads this much before it chooses a
+# body's limit, since only an array may be larger than one message.
 BULK_PEEK = 4096
 VALID_ID = re.compile(r"[A-Za-z0-9._:\-]+", re.ASCII)
 
@@ -253,13 +254,13 @@ class Parser:
         if not body.strip():
             raise RejectedError("request body is empty; send a JSON object")
         document = _loads(body, "request body")
-        if isinstance(document, list):
-            # Only an array that the bulk check did not see.
-            raise RejectedError(
-                f"request body is an array whose [ comes after its first "
-                f"{BULK_PEEK} bytes; a bulk request's must come within them"
-            )
         if not isinstance(document, dict):
+            if isinstance(document, list):
+                # Only an array that the bulk check did not see.
+                raise RejectedError(
+                    f"request body is an array whose [ comes after its first "
+                    f"{BULK_PEEK} bytes; a bulk request's must come within them"
+                )
             raise RejectedError(
                 'request body must be a JSON object with a "message" field '
                 f"or an array of them, not {describe(document)}"

@@ -40,9 +40,6 @@ logger = logging.getLogger("fanout.http")
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
-# Bytes read before choosing a body's limit: only a JSON array may be larger
-# than one message.
-PEEK = BULK_PEEK
 # How long before uvicorn stops waiting for in-flight requests (half of
 # FANOUT_SHUTDOWN_TIMEOUT) the committer refuses what it still holds, so
 # that those requests are answered 503 rather than cut off.
@@ -60,7 +57,7 @@ def _result(outcome: Message | FanoutError) -> dict:
 
 
 def _starts_array(head: bytes) -> bool:
-    """Whether a body's first :data:`PEEK` bytes make it a bulk JSON array.
+    """Whether a body's first :data:`BULK_PEEK` bytes make it a bulk JSON array.
 
     The one rule for a body read whole and one read in parts.
     """
@@ -186,7 +183,7 @@ class MessagesResource:
         if length is not None and length <= self._whole_limit:
             # PERF: small enough for either limit; one read.
             body = await req.stream.read()
-            bulk = media_type == NDJSON or _starts_array(body[:PEEK])
+            bulk = media_type == NDJSON or _starts_array(body[:BULK_PEEK])
         else:
             body, bulk = await self._read_limited(req, media_type)
         if length is not None and len(body) < length:
@@ -209,7 +206,7 @@ class MessagesResource:
         head = b""
         bulk = media_type == NDJSON
         if not bulk:
-            head = await req.stream.read(PEEK)
+            head = await req.stream.read(BULK_PEEK)
             bulk = _starts_array(head)
 
         limit = self.settings.max_bulk_bytes if bulk else self.parser.max_bytes

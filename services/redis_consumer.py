@@ -36,6 +36,7 @@ from common.brokers import (
     Written,
     first_of,
     redis_client,
+    sleep_unless,
     wait_for_redis,
 )
 from common.committer import BATCH_BYTES
@@ -468,10 +469,7 @@ class RedisConsumer:
                     )
             except (aioredis.RedisError, OSError):
                 pass  # wait_for_redis has seen it answer; try again
-            try:
-                await asyncio.wait_for(self.stopping.wait(), ttl / 3)
-            except TimeoutError:
-                pass
+            await sleep_unless(self.stopping, ttl / 3)
         return False
 
     async def _holder(self) -> str:
